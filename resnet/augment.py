@@ -1,0 +1,238 @@
+"""Batched augmentation on tensors, one independent random draw per image, on any device.
+
+Each function takes a float batch (N, C, H, W) in 0..1 and a ``torch.Generator`` on the batch's
+device, and returns a batch of the same shape, dtype and device. Doing this on whole batches is what
+lets the dataset live on the accelerator with no DataLoader workers (airbench's ``batch_flip_lr`` /
+``batch_crop`` idea, extended to every augmentation of the course report).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (high - low) + low
+
+
+def _chance(n: int, p: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Bool (n,) mask, True with probability p."""
+    return torch.rand(n, generator=gen, device=device) < p
+
+
+def _per_image(mask: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, 1, 1, 1)
+
+
+def batch_flip(x: torch.Tensor, p: float, gen: torch.Generator, dim: int = -1) -> torch.Tensor:
+    """Flip each image along ``dim`` (-1 horizontal, -2 vertical) with probability p."""
+    if p <= 0:
+        return x
+    return torch.where(_per_image(_chance(len(x), p, gen, x.device)), x.flip(dim), x)
+
+
+def batch_translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to ``pad`` pixels per axis: reflect-pad, then crop at a random offset."""
+    if pad <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+    rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, None, :]
+    # Gather each image's window in one indexing op (no Python loop over the batch).
+    rows = rows.expand(n, x.shape[1], h, padded.shape[-1])
+    out = padded.gather(2, rows)
+    return out.gather(3, cols.expand(n, x.shape[1], h, w))
+
+
+def batch_affine(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    crop_scale: float = 1.0,
+    crop_ratio: float = 0.75,
+    rotation: float = 0.0,
+    translate: int = 0,
+    hflip: float = 0.0,
+    vflip: float = 0.0,
+) -> torch.Tensor:
+    """Random resized crop, rotation, translation and flips as one affine warp per image.
+
+    ``crop_scale`` is the smallest area fraction kept (1 = no crop); the aspect ratio is log-uniform
+    in [crop_ratio, 1/crop_ratio]; ``rotation`` in degrees; ``translate`` in pixels. One bilinear
+    ``grid_sample`` does all of it, so stacking transforms costs no extra resampling blur.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    area = _uniform(n, crop_scale, 1.0, gen, dev)
+    log_r = math.log(crop_ratio)
+    ratio = torch.exp(_uniform(n, log_r, -log_r, gen, dev))
+    # Crop size as a fraction of the image side; clamp so the window stays inside the image.
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    # Window centre in normalised coordinates [-1, 1], anywhere the window still fits.
+    cx = _uniform(n, -1.0, 1.0, gen, dev) * (1 - sx)
+    cy = _uniform(n, -1.0, 1.0, gen, dev) * (1 - sy)
+    if translate:
+        cx = cx + _uniform(n, -1.0, 1.0, gen, dev) * 2 * translate / w
+        cy = cy + _uniform(n, -1.0, 1.0, gen, dev) * 2 * translate / h
+    angle = _uniform(n, -rotation, rotation, gen, dev) * (math.pi / 180)
+    fx = torch.where(_chance(n, hflip, gen, dev), -1.0, 1.0)
+    fy = torch.where(_chance(n, vflip, gen, dev), -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # input = centre + R(angle) @ diag(sx*fx, sy*fy) @ output
+    theta = torch.stack([
+        torch.stack([cos * sx * fx, -sin * sy * fy, cx], dim=1),
+        torch.stack([sin * sx * fx, cos * sy * fy, cy], dim=1),
+    ], dim=1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def _hue_matrices(shift: torch.Tensor) -> torch.Tensor:
+    """(N,3,3) RGB->RGB matrices rotating the hue by ``shift`` turns (a rotation of I/Q in YIQ space)."""
+    to_yiq = shift.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = torch.linalg.inv(to_yiq)
+    a = shift * 2 * math.pi
+    cos, sin = torch.cos(a), torch.sin(a)
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    rot = torch.stack([
+        torch.stack([one, zero, zero], -1),
+        torch.stack([zero, cos, -sin], -1),
+        torch.stack([zero, sin, cos], -1),
+    ], -2)
+    return from_yiq @ rot @ to_yiq
+
+
+def batch_color_jitter(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    saturation: float = 0.0,
+    hue: float = 0.0,
+    p: float = 1.0,
+) -> torch.Tensor:
+    """torchvision-style ColorJitter with per-image factors (fixed order: b, c, s, h), applied with prob. p."""
+    n, dev = len(x), x.device
+    apply = _per_image(_chance(n, p, gen, dev))
+    out = x
+    if brightness:
+        out = out * _per_image(_uniform(n, max(0.0, 1 - brightness), 1 + brightness, gen, dev))
+    if contrast:
+        mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
+        c = _per_image(_uniform(n, max(0.0, 1 - contrast), 1 + contrast, gen, dev))
+        out = (out - mean) * c + mean
+    if saturation:
+        gray = _gray(out)
+        s = _per_image(_uniform(n, max(0.0, 1 - saturation), 1 + saturation, gen, dev))
+        out = (out - gray) * s + gray
+    if hue:
+        m = _hue_matrices(_uniform(n, -hue, hue, gen, dev)).to(out.dtype)
+        out = torch.einsum("nij,njhw->nihw", m, out)
+    return torch.where(apply, out.clamp(0, 1), x)
+
+
+def batch_gaussian_blur(x: torch.Tensor, sigma_max: float, gen: torch.Generator, p: float = 1.0,
+                        sigma_min: float = 0.1) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma in [sigma_min, sigma_max], applied with prob. p."""
+    if sigma_max <= 0:
+        return x
+    n, c, h, w = x.shape
+    dev = x.device
+    radius = min(math.ceil(3 * sigma_max), (min(h, w) - 1) // 2)
+    sigma = _uniform(n, sigma_min, max(sigma_min, sigma_max), gen, dev)
+    taps = torch.arange(-radius, radius + 1, device=dev, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None].to(x.dtype)) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    # Images not chosen get a delta kernel, so the whole batch still goes through one conv.
+    delta = (taps == 0).to(x.dtype).expand(n, -1)
+    kernel = torch.where(_chance(n, p, gen, dev)[:, None], kernel, delta)
+    kernel = kernel.repeat_interleave(c, dim=0)  # one kernel per (image, channel) group
+    k = 2 * radius + 1
+    flat = x.reshape(1, n * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, k), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, k, 1), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+def batch_cutout(x: torch.Tensor, size: int, gen: torch.Generator, p: float = 1.0,
+                 fill: float = 0.0) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square per image, centred anywhere (it may hang over the edge)."""
+    if size <= 0 or p <= 0:
+        return x
+    n, _, h, w = x.shape
+    dev = x.device
+    cy = torch.randint(0, h, (n,), generator=gen, device=dev)
+    cx = torch.randint(0, w, (n,), generator=gen, device=dev)
+    top, left = (cy - size // 2)[:, None], (cx - size // 2)[:, None]
+    ys, xs = torch.arange(h, device=dev)[None], torch.arange(w, device=dev)[None]
+    in_rows = (ys >= top) & (ys < top + size)  # (n, h)
+    in_cols = (xs >= left) & (xs < left + size)  # (n, w)
+    mask = (in_rows[:, :, None] & in_cols[:, None, :]) & _chance(n, p, gen, dev)[:, None, None]
+    return x.masked_fill(mask[:, None], fill)
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@dataclass
+class AugmentConfig:
+    """Strengths of the batched pipeline; every field at 0 (or scale 1) leaves images untouched."""
+
+    crop_scale: float = 1.0  # smallest area fraction of random resized crop (1 = off)
+    crop_ratio: float = 0.75  # aspect ratio range [r, 1/r]
+    translate: int = 0  # pixels
+    hflip: float = 0.0  # probability
+    vflip: float = 0.0  # probability
+    rotation: float = 0.0  # degrees
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength
+    hue: float = 0.0  # turns
+    jitter_p: float = 1.0
+    blur_sigma: float = 0.0  # pixels
+    blur_p: float = 1.0
+    cutout: int = 0  # square side in pixels
+    cutout_p: float = 1.0
+
+    @property
+    def needs_warp(self) -> bool:
+        return self.crop_scale < 1.0 or self.rotation > 0
+
+
+class BatchAugment:
+    """uint8 (N,3,H,W) batch in, normalised float batch out: warp, colour, blur, normalise, cutout."""
+
+    def __init__(self, cfg: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.cfg, self.mean, self.std = cfg, mean, std
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        c = self.cfg
+        x = images.float().div_(255)
+        if c.needs_warp:
+            x = batch_affine(x, gen, c.crop_scale, c.crop_ratio, c.rotation, c.translate, c.hflip, c.vflip)
+        else:  # cheaper exact paths when no resampling is needed
+            x = batch_flip(x, c.hflip, gen, dim=-1)
+            x = batch_flip(x, c.vflip, gen, dim=-2)
+            x = batch_translate(x, c.translate, gen)
+        if c.color_jitter or c.hue:
+            x = batch_color_jitter(x, gen, c.color_jitter, c.color_jitter, c.color_jitter, c.hue, c.jitter_p)
+        x = batch_gaussian_blur(x, c.blur_sigma, gen, c.blur_p)
+        x = normalize(x, self.mean, self.std)
+        # After normalising, a zero fill is the dataset mean colour (as in the cutout paper).
+        return batch_cutout(x, c.cutout, gen, c.cutout_p)

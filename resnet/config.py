@@ -1,0 +1,223 @@
+"""Script configs as dataclasses; dashed CLI flags generated from the fields.
+
+Precedence: dataclass default < ``--config recipe.yaml`` < command-line flag. The resolved config is
+saved with every run (``config.yaml``) so a run can be repeated with ``--config runs/<run>/config.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from .models import ACTIVATIONS, list_models
+
+T = TypeVar("T")
+
+
+def knob(default: Any, help: str, choices: Sequence[str] | None = None, **kw) -> Any:
+    """A config field with its help text (unit or effect) and optional choices."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    model: str = knob("resnet_report_4m", f"registered model name: {', '.join(list_models())}")
+    model_kwargs: dict = knob({}, "JSON/YAML dict of overrides for the model builder, e.g. "
+                                  "'{\"blocks\": [2,2,2,2], \"widths\": [32,64,128,256]}'")
+    activation: str | None = knob(None, "activation override for the model", choices=sorted(ACTIVATIONS))
+    channels_last: bool = knob(True, "NHWC memory layout (faster convs on CPU and tensor cores)")
+    compile: bool = knob(False, "torch.compile the model (one-time compile cost, then faster steps on GPU)")
+    # --- optimisation
+    opt: str = knob("sgd", "optimizer", choices=["sgd", "nesterov", "adam", "adamw"])
+    lr: float | None = knob(None, "peak learning rate (default: sgd/nesterov 0.1, adam 1e-3, adamw 2e-3)")
+    weight_decay: float | None = knob(None, "L2 / decoupled weight decay, not applied to norms and biases "
+                                           "(default: sgd/nesterov 5e-4, adam 0, adamw 0.05)")
+    momentum: float = knob(0.9, "SGD momentum")
+    epochs: int = knob(40, "training epochs")
+    batch_size: int = knob(256, "images per optimizer step on each process")
+    warmup_epochs: float = knob(1.0, "linear warm-up from warmup_lr_ratio*lr, in epochs (fractions allowed)")
+    warmup_lr_ratio: float = knob(0.01, "warm-up start lr as a fraction of the peak lr")
+    min_lr_ratio: float = knob(0.0, "cosine floor as a fraction of the peak lr")
+    label_smoothing: float = knob(0.1, "label smoothing of the cross-entropy target (0 = off)")
+    clip_grad: float = knob(0.0, "clip the global gradient norm to this value (0 = off)")
+    ema_decay: float = knob(0.0, "EMA of weights with this decay per step, e.g. 0.999 (0 = off); "
+                                 "validation and checkpoints use the EMA weights when on")
+    # --- augmentation (each one off at 0 / False; the defaults are our recipe, not the report's)
+    crop_scale: float = knob(0.0, "random resized crop: smallest area fraction kept, e.g. 0.35 (0 = off)")
+    crop_ratio: float = knob(0.75, "random resized crop: aspect ratio range [r, 1/r]")
+    translate: int = knob(4, "random translation by up to N pixels (pad-and-crop; 0 = off)")
+    hflip: float = knob(0.5, "probability of a horizontal flip")
+    vflip: float = knob(0.0, "probability of a vertical flip")
+    rotation: float = knob(0.0, "random rotation, uniform in [-deg, +deg]")
+    color_jitter: float = knob(0.0, "brightness/contrast/saturation jitter strength, e.g. 0.4 (0 = off)")
+    hue: float = knob(0.0, "hue jitter, fraction of the colour circle in [-h, +h], at most 0.5")
+    jitter_p: float = knob(0.8, "probability an image gets colour jitter when it is on")
+    blur_sigma: float = knob(0.0, "Gaussian blur: largest sigma in pixels, per-image uniform in [0.1, max] (0 = off)")
+    blur_p: float = knob(0.5, "probability an image is blurred when blur is on")
+    cutout: int = knob(0, "cutout square side in pixels at a random position (0 = off)")
+    cutout_p: float = knob(1.0, "probability an image gets a cutout when cutout is on")
+    mixup: float = knob(0.0, "Mixup alpha (0 = off), timm Mixup")
+    cutmix: float = knob(0.0, "CutMix alpha (0 = off), timm Mixup")
+    mix_prob: float = knob(1.0, "probability a batch is mixed when mixup/cutmix is on")
+    # --- data
+    data_dir: str = knob("~/.cache/cifar10", "folder holding (or to receive) cifar-10-batches-py/")
+    download: bool = knob(True, "download the official archive when the data is missing")
+    val_split: int = knob(5000, "images held out of train for validation (stratified; 0 = none)")
+    train_subset: int = knob(0, "use only the first N training images after the split (0 = all)")
+    # --- run
+    seed: int = knob(0, "seed for initialisation, data order and augmentation")
+    run_dir: str | None = knob(None, "run folder (default: runs/<model>-<activation>-<opt>-<time>)")
+    resume: str | None = knob(None, "run folder to continue from its last saved state")
+    eval_every: int = knob(1, "validate every N epochs (the last epoch always validates)")
+    progress: bool = knob(True, "show a progress bar on the main process")
+    # --- tracking
+    wandb: str = knob("auto", "W&B logging: auto = online when logged in, else offline", choices=["auto", "online", "offline", "off"])
+    wandb_project: str = knob("cifar10-resnet", "W&B project")
+    wandb_name: str | None = knob(None, "W&B run name (default: the run folder's name)")
+    wandb_tags: list = knob([], "W&B tags, comma-separated")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str | None = knob(None, "run folder or .safetensors file (default: newest run in runs/)")
+    split: str = knob("test", "which CIFAR-10 split to score", choices=["test", "val"])
+    data: str | None = knob(None, "custom labeled pickle (dict with data, labels) instead of CIFAR-10")
+    data_dir: str = knob("~/.cache/cifar10", "folder holding cifar-10-batches-py/")
+    download: bool = knob(True, "download the official archive when the data is missing")
+    val_split: int | None = knob(None, "validation size used for --split val (default: the run's own)")
+    batch_size: int = knob(500, "images per forward pass")
+    tta: bool = knob(False, "test-time augmentation: average logits with the horizontal flip")
+    out: str | None = knob(None, "JSON report path (default: <run>/eval_<split>.json)")
+
+
+@dataclass
+class PredictConfig:
+    data: str = knob("custom_test.pkl", "pickle with 'data' (N,3072 or N,32,32,3 uint8) and 'ids'")
+    out: str = knob("submission.csv", "CSV to write with header ID,Labels")
+    checkpoint: str | None = knob(None, "run folder or .safetensors file (default: newest run's best)")
+    batch_size: int = knob(500, "images per forward pass")
+    tta: bool = knob(False, "test-time augmentation: average logits with the horizontal flip")
+
+
+class ConfigError(ValueError):
+    """A bad value in a recipe file or flag; the message names the source and the field."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """``str | None`` -> ``str``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _parse_dict(text: str) -> dict:
+    value = yaml.safe_load(text) if text.strip() else {}
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON/YAML mapping, got {text!r}")
+    return value
+
+
+def _parse_list(text: str) -> list:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe whose keys set defaults; flags win")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kw: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {default})", "dest": f.name,
+                              # SUPPRESS: only flags actually given override a --config recipe
+                              "default": argparse.SUPPRESS}
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif tp is dict:
+            kw.update(type=_parse_dict, metavar="JSON")
+        elif tp is list:
+            kw.update(type=_parse_list, metavar="A,B")
+        else:
+            kw["type"] = tp
+        parser.add_argument(_flag(f.name), **kw)
+    return parser
+
+
+def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
+    """Check a recipe value against the field's type; ints are accepted where floats are expected."""
+    tp_full = typing.get_type_hints(cls)[name]
+    tp = _base_type(tp_full)
+    if value is None and type(None) in typing.get_args(tp_full):
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, str):
+        return _parse_list(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: field '{name}' expects {tp.__name__}, got {value!r}")
+    choices = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: field '{name}' must be one of {choices}, got {value!r}")
+    return value
+
+
+def load_recipe(cls: type, path: str | Path) -> dict:
+    """Read a YAML recipe; unknown keys and wrong types fail with the file and field named."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+    known = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{path}: unknown field '{key}'; known fields: {', '.join(sorted(known))}")
+        out[name] = _coerce(cls, name, value, str(path))
+    return out
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str = "") -> T:
+    """Parse ``argv`` (default: sys.argv) into ``cls``: defaults, then --config, then flags."""
+    parser = build_parser(cls, description)
+    args = vars(parser.parse_args(argv))
+    values = {}
+    recipe = args.pop("config", None)
+    if not recipe and args.get("resume"):
+        # Resuming repeats the run's own saved config; flags given now (e.g. --epochs) still win.
+        recipe = str(Path(args["resume"]) / "config.yaml")
+    if recipe:
+        try:
+            values.update(load_recipe(cls, recipe))
+        except ConfigError as e:
+            parser.error(str(e))
+    values.update(args)
+    return cls(**values)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_json(cfg: Any) -> str:
+    return json.dumps(config_to_dict(cfg), sort_keys=True)

@@ -1,0 +1,116 @@
+"""The loop: ``train_one_epoch`` and ``evaluate`` return dicts; ``predict`` returns logits in input order."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import normalize
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    accelerator,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    global_step: int,
+    epoch: int,
+    mixup: Callable | None = None,
+    ema: nn.Module | None = None,
+    clip_grad: float = 0.0,
+    progress: bool = True,
+) -> dict:
+    """One pass over ``loader``; the lr follows ``global_step`` (scheduler.step_update after each update)."""
+    model.train()
+    device = accelerator.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=not (progress and accelerator.is_main_process))
+    start = time.perf_counter()
+    for x, y in loader:
+        target = y
+        if mixup is not None:
+            x, target = mixup(x, y)
+        logits = model(x)
+        loss = loss_fn(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if clip_grad > 0:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        global_step += 1
+        scheduler.step_update(global_step)
+        if ema is not None:
+            ema.update(model, step=global_step)
+        # Accumulate on the device; reading .item() every step would stall a GPU.
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        bar.update()
+        if bar.n % 25 == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    totals = accelerator.reduce(torch.stack([loss_sum.float(), correct.float(),
+                                             torch.tensor(float(seen), device=device)]), reduction="sum")
+    loss_total, correct_total, seen_total = totals.tolist()
+    return {
+        "train_loss": loss_total / max(seen_total, 1),
+        "train_acc": correct_total / max(seen_total, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_sec": seen_total / elapsed,
+        "epoch_time": elapsed,
+        "global_step": global_step,
+    }
+
+
+def _inputs(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
+    x = normalize(x.float().div_(255), mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, accelerator, mean, std, tta: bool = False,
+            channels_last: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels for every sample of a prepared loader, each counted once, in input order."""
+    model.eval()
+    logits_all, labels_all = [], []
+    for x, y in tqdm(loader, desc="eval", leave=False, disable=not (progress and accelerator.is_main_process)):
+        x = _inputs(x.to(accelerator.device), mean, std, channels_last)
+        with accelerator.autocast():
+            logits = model(x).float()
+            if tta:  # average with the mirror image: a free +0.3-0.5% on CIFAR
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        # gather_for_metrics drops the samples Accelerate duplicated to even out the last batch.
+        logits, y = accelerator.gather_for_metrics((logits, y.to(accelerator.device)))
+        logits_all.append(logits.cpu())
+        labels_all.append(y.cpu())
+    return torch.cat(logits_all), torch.cat(labels_all)
+
+
+def evaluate(model: nn.Module, loader: Iterable, accelerator, mean, std, tta: bool = False,
+             channels_last: bool = False, progress: bool = False) -> dict:
+    """Loss, accuracy and per-sample predictions/targets over a prepared loader."""
+    logits, labels = predict(model, loader, accelerator, mean, std, tta, channels_last, progress)
+    preds = logits.argmax(1)
+    return {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "acc": (preds == labels).float().mean().item(),
+        "n": len(labels),
+        "preds": preds.numpy(),
+        "targets": labels.numpy(),
+    }
+
+
+def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    return np.bincount(targets * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, num_classes)
