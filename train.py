@@ -1,5 +1,6 @@
-"""Train a CIFAR-10 ResNet.  Run `accelerate launch train.py --help` for every flag."""
-from resnet.config import TrainConfig, parse_config
+"""Train a CIFAR-10 ResNet.  Usage: accelerate launch train.py [--config recipe.yaml] [flags]"""
+from resnet.cli import run_script
+from resnet.config import TrainConfig
 from resnet.training import train
 
 
@@ -8,4 +9,4 @@ def main(cfg: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(TrainConfig, description=__doc__))
+    run_script(TrainConfig, main, __doc__)

@@ -69,7 +69,7 @@ def batch_affine(
     n, _, h, w = x.shape
     dev = x.device
     area = _uniform(n, crop_scale, 1.0, gen, dev)
-    log_r = math.log(crop_ratio)
+    log_r = math.log(crop_ratio) if crop_scale < 1 else 0.0  # scale 1 = no crop, whatever the ratio
     ratio = torch.exp(_uniform(n, log_r, -log_r, gen, dev))
     # Crop size as a fraction of the image side; clamp so the window stays inside the image.
     sx = torch.sqrt(area * ratio).clamp(max=1.0)

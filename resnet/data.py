@@ -48,11 +48,15 @@ _ALLOWED = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays are allowed")
+        raise _Refused(f"refused to load {module}.{name}: only numpy arrays are allowed")
 
 
 def safe_load_pickle(path: str | Path) -> Any:
@@ -64,7 +68,7 @@ def safe_load_pickle(path: str | Path) -> Any:
     try:
         # latin1 decodes Python-2 str pickles (the official CIFAR files) without loss.
         return _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise DataError(f"{path}: {e}") from None
     except Exception as e:  # truncated or not a pickle at all
         raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None

@@ -15,6 +15,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .augment import AugmentConfig, BatchAugment
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
+from .distributed import create_accelerator
 from .data import CLASSES, MEAN, STD, cifar10_splits
 from .engine import evaluate, train_one_epoch
 from .loader import DeviceLoader, eval_loader
@@ -75,20 +76,11 @@ def make_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     return Path(name[0])
 
 
-def create_accelerator(cfg: TrainConfig) -> tuple[Accelerator, str]:
-    mode = resolve_wandb_mode(cfg.wandb)
-    accelerator = Accelerator(log_with="wandb" if mode != "off" else None)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError("fp16 mixed precision on CPU runs in fp32 or crawls (7 images/s here); "
-                          "use bf16 instead: accelerate launch --mixed_precision bf16 ... "
-                          "or --config_file accelerate_configs/bf16.yaml")
-    return accelerator, mode
-
-
 def train(cfg: TrainConfig) -> dict:
     """Train per ``cfg``; returns the final epoch's metrics plus ``best_val_acc`` and ``run_dir``."""
     check_config(cfg)
-    accelerator, wandb_mode = create_accelerator(cfg)
+    wandb_mode = resolve_wandb_mode(cfg.wandb)
+    accelerator = create_accelerator(log_with="wandb" if wandb_mode != "off" else None)
     set_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     run_dir = make_run_dir(cfg, accelerator)
     if accelerator.is_main_process:

@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from resnet.config import EvalConfig, TrainConfig, parse_config, save_config
+
+
+def test_defaults_and_dashed_flags():
+    cfg = parse_config(TrainConfig, ["--activation", "gelu", "--opt", "adam", "--batch-size", "64",
+                                     "--no-channels-last", "--model-kwargs", '{"blocks": [2, 2, 2, 2]}',
+                                     "--wandb-tags", "a,b"])
+    assert (cfg.activation, cfg.opt, cfg.batch_size, cfg.channels_last) == ("gelu", "adam", 64, False)
+    assert cfg.model_kwargs == {"blocks": [2, 2, 2, 2]} and cfg.wandb_tags == ["a", "b"]
+    assert cfg.epochs == TrainConfig().epochs
+
+
+def test_recipe_sets_defaults_and_flags_win(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 7\nlr: 1\nopt: adamw\ncutout: 8\nwandb-tags: [x]\n")
+    cfg = parse_config(TrainConfig, ["--config", str(recipe), "--epochs", "3"])
+    assert cfg.epochs == 3 and cfg.lr == 1.0 and cfg.opt == "adamw" and cfg.cutout == 8 and cfg.wandb_tags == ["x"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("epoch: 3\n", "unknown field 'epoch'"),
+    ("epochs: three\n", "field 'epochs' expects int"),
+    ("opt: rmsprop\n", "field 'opt' must be one of"),
+    ("- 1\n", "mapping"),
+])
+def test_bad_recipes_name_the_file_and_field(tmp_path, capsys, text, match):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--config", str(recipe)])
+    err = capsys.readouterr().err
+    assert match in err and str(recipe) in err
+
+
+def test_bad_flag_values_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--opt", "rmsprop"])
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--model-kwargs", "[1, 2]"])
+    assert "mapping" in capsys.readouterr().err
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_config(TrainConfig, ["--lr", "0.05", "--wandb-tags", "t1"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["lr"] == 0.05
+    again = parse_config(TrainConfig, ["--config", str(tmp_path / "config.yaml")])
+    assert again == cfg
+
+
+def test_resume_reads_the_runs_own_config(tmp_path):
+    save_config(parse_config(TrainConfig, ["--epochs", "9", "--opt", "adam"]), tmp_path / "config.yaml")
+    cfg = parse_config(TrainConfig, ["--resume", str(tmp_path), "--epochs", "12"])
+    assert cfg.opt == "adam" and cfg.epochs == 12 and cfg.resume == str(tmp_path)
+
+
+def test_help_lists_every_field_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(EvalConfig, ["--help"])
+    out = capsys.readouterr().out
+    assert "--checkpoint" in out and "--tta" in out and "(default: 500)" in out
