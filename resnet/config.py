@@ -18,6 +18,7 @@ import yaml
 from .models import ACTIVATIONS, list_models
 
 T = TypeVar("T")
+TTA_HELP = "test-time augmentation: 0 off, 1 average with the mirror image, 2 also 1-pixel shifts"
 
 
 def knob(default: Any, help: str, choices: Sequence[str] | None = None, **kw) -> Any:
@@ -51,6 +52,7 @@ class TrainConfig:
     clip_grad: float = knob(0.0, "clip the global gradient norm to this value (0 = off)")
     ema_decay: float = knob(0.0, "EMA of weights with this decay per step, e.g. 0.999 (0 = off); "
                                  "validation and checkpoints use the EMA weights when on")
+    lookahead: bool = knob(False, "wrap the optimizer in timm's Lookahead (k=6, alpha=0.5)")
     # --- augmentation (each one off at 0 / False; the defaults are our recipe, not the report's)
     crop_scale: float = knob(0.0, "random resized crop: smallest area fraction kept, e.g. 0.35 (0 = off)")
     crop_ratio: float = knob(0.75, "random resized crop: aspect ratio range [r, 1/r]")
@@ -68,7 +70,13 @@ class TrainConfig:
     mixup: float = knob(0.0, "Mixup alpha (0 = off), timm Mixup")
     cutmix: float = knob(0.0, "CutMix alpha (0 = off), timm Mixup")
     mix_prob: float = knob(1.0, "probability a batch is mixed when mixup/cutmix is on")
+    auto_augment: str | None = knob(None, "timm policy per image, needs --loader workers: 'rand-m9-mstd0.5', "
+                                          "'augmix-m5-w3' or 'original' (AutoAugment)")
+    random_erasing: float = knob(0.0, "timm random erasing probability per image, needs --loader workers")
     # --- data
+    loader: str = knob("device", "device: whole dataset on the accelerator, batched augmentation (fast); "
+                                 "workers: DataLoader with per-image PIL/timm transforms", choices=["device", "workers"])
+    workers: int = knob(2, "DataLoader worker processes for --loader workers")
     data_dir: str = knob("~/.cache/cifar10", "folder holding (or to receive) cifar-10-batches-py/")
     download: bool = knob(True, "download the official archive when the data is missing")
     val_split: int = knob(5000, "images held out of train for validation (stratified; 0 = none)")
@@ -78,6 +86,7 @@ class TrainConfig:
     run_dir: str | None = knob(None, "run folder (default: runs/<model>-<activation>-<opt>-<time>)")
     resume: str | None = knob(None, "run folder to continue from its last saved state")
     eval_every: int = knob(1, "validate every N epochs (the last epoch always validates)")
+    tta: int = knob(0, "validation " + TTA_HELP, choices=[0, 1, 2])
     progress: bool = knob(True, "show a progress bar on the main process")
     # --- tracking
     wandb: str = knob("auto", "W&B logging: auto = online when logged in, else offline", choices=["auto", "online", "offline", "off"])
@@ -95,7 +104,7 @@ class EvalConfig:
     download: bool = knob(True, "download the official archive when the data is missing")
     val_split: int | None = knob(None, "validation size used for --split val (default: the run's own)")
     batch_size: int = knob(500, "images per forward pass")
-    tta: bool = knob(False, "test-time augmentation: average logits with the horizontal flip")
+    tta: int = knob(0, TTA_HELP, choices=[0, 1, 2])
     out: str | None = knob(None, "JSON report path (default: <run>/eval_<split>.json)")
 
 
@@ -105,7 +114,7 @@ class PredictConfig:
     out: str = knob("submission.csv", "CSV to write with header ID,Labels")
     checkpoint: str | None = knob(None, "run folder or .safetensors file (default: newest run's best)")
     batch_size: int = knob(500, "images per forward pass")
-    tta: bool = knob(False, "test-time augmentation: average logits with the horizontal flip")
+    tta: int = knob(0, TTA_HELP, choices=[0, 1, 2])
 
 
 class ConfigError(ValueError):

@@ -29,6 +29,7 @@ def train_one_epoch(
 ) -> dict:
     """One pass over ``loader``; the lr follows ``global_step`` (scheduler.step_update after each update)."""
     model.train()
+    global_step_start = global_step
     device = accelerator.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -36,6 +37,7 @@ def train_one_epoch(
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
+    first_step = 0.0
     for x, y in loader:
         target = y
         if mixup is not None:
@@ -55,6 +57,9 @@ def train_one_epoch(
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
+        if global_step_start == global_step - 1:
+            loss.item()  # wait for the first step: its time shows one-off costs such as torch.compile
+            first_step = time.perf_counter() - start
         bar.update()
         if bar.n % 25 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
@@ -69,6 +74,7 @@ def train_one_epoch(
         "lr": optimizer.param_groups[0]["lr"],
         "images_per_sec": seen_total / elapsed,
         "epoch_time": elapsed,
+        "first_step_time": first_step,
         "global_step": global_step,
     }
 
@@ -78,8 +84,22 @@ def _inputs(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+    """Logits averaged over test-time views (airbench's scheme): 0 the image, 1 + its mirror,
+    2 + mirror pairs shifted one pixel up-left and down-right (weights 1/2, 1/4, 1/4)."""
+    if level == 0:
+        return model(x).float()
+    mirrored = (model(x).float() + model(x.flip(-1)).float()) / 2
+    if level == 1:
+        return mirrored
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [tta_logits(model, padded[..., :h, :w], 1), tta_logits(model, padded[..., 2:, 2:], 1)]
+    return mirrored / 2 + (shifted[0] + shifted[1]) / 4
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, accelerator, mean, std, tta: bool = False,
+def predict(model: nn.Module, loader: Iterable, accelerator, mean, std, tta: int = 0,
             channels_last: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels for every sample of a prepared loader, each counted once, in input order."""
     model.eval()
@@ -87,9 +107,7 @@ def predict(model: nn.Module, loader: Iterable, accelerator, mean, std, tta: boo
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not (progress and accelerator.is_main_process)):
         x = _inputs(x.to(accelerator.device), mean, std, channels_last)
         with accelerator.autocast():
-            logits = model(x).float()
-            if tta:  # average with the mirror image: a free +0.3-0.5% on CIFAR
-                logits = (logits + model(x.flip(-1)).float()) / 2
+            logits = tta_logits(model, x, tta)
         # gather_for_metrics drops the samples Accelerate duplicated to even out the last batch.
         logits, y = accelerator.gather_for_metrics((logits, y.to(accelerator.device)))
         logits_all.append(logits.cpu())
@@ -97,7 +115,7 @@ def predict(model: nn.Module, loader: Iterable, accelerator, mean, std, tta: boo
     return torch.cat(logits_all), torch.cat(labels_all)
 
 
-def evaluate(model: nn.Module, loader: Iterable, accelerator, mean, std, tta: bool = False,
+def evaluate(model: nn.Module, loader: Iterable, accelerator, mean, std, tta: int = 0,
              channels_last: bool = False, progress: bool = False) -> dict:
     """Loss, accuracy and per-sample predictions/targets over a prepared loader."""
     logits, labels = predict(model, loader, accelerator, mean, std, tta, channels_last, progress)

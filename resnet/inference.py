@@ -54,7 +54,7 @@ def run_evaluate(cfg: EvalConfig) -> dict:
               "accuracy": result["acc"], "loss": result["loss"], "per_class_accuracy": per_class,
               "confusion_matrix": matrix.tolist()}
     if accelerator.is_main_process:
-        out = Path(cfg.out) if cfg.out else file.parent / f"eval_{name}{'_tta' if cfg.tta else ''}.json"
+        out = Path(cfg.out) if cfg.out else file.parent / f"eval_{name}{f'_tta{cfg.tta}' if cfg.tta else ''}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         plot_confusion(matrix, classes, out.with_suffix(".png"))
@@ -64,8 +64,9 @@ def run_evaluate(cfg: EvalConfig) -> dict:
 
 
 def format_report(report: dict) -> str:
+    tta = f", TTA level {report['tta']}" if report["tta"] else ""
     lines = [f"{report['data']}: accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}  "
-             f"({report['n']} images{', TTA' if report['tta'] else ''})", "per-class accuracy:"]
+             f"({report['n']} images{tta})", "per-class accuracy:"]
     lines += [f"  {c:<11}{a:.4f}" for c, a in report["per_class_accuracy"].items()]
     names = [c[:5] for c in report["per_class_accuracy"]]
     lines.append("confusion matrix (rows: true, columns: predicted):")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from timm.optim import Lookahead
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
@@ -19,16 +20,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                     momentum: float = 0.9) -> torch.optim.Optimizer:
+def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                     lookahead: bool = False) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay)
     if name in ("sgd", "nesterov"):
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=name == "nesterov")
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULT_LR)}")
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=name == "nesterov")
+    elif name == "adam":
+        opt = torch.optim.Adam(groups, lr=lr)
+    elif name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULT_LR)}")
+    # Lookahead shares the base optimizer's param_groups, so the scheduler still sets the lr.
+    return Lookahead(opt, alpha=0.5, k=6) if lookahead else opt
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,

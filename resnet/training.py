@@ -18,7 +18,7 @@ from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .distributed import create_accelerator
 from .data import CLASSES, MEAN, STD, cifar10_splits
 from .engine import evaluate, train_one_epoch
-from .loader import DeviceLoader, eval_loader
+from .loader import DeviceLoader, eval_loader, per_image_transform, worker_loader
 from .models import count_parameters, create_model
 from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, create_optimizer, create_scheduler
 from .tracking import MetricsLog, resolve_wandb_mode, wandb_init_kwargs
@@ -45,6 +45,10 @@ def check_config(cfg: TrainConfig) -> None:
                  "warmup_epochs", "clip_grad", "val_split", "train_subset"):
         need(getattr(cfg, name) >= 0, name, "must not be negative")
     need(not (cfg.mixup or cfg.cutmix) or cfg.batch_size % 2 == 0, "batch_size", "must be even with Mixup/CutMix")
+    need(0 <= cfg.random_erasing <= 1, "random_erasing", "is a probability in [0, 1]")
+    need(cfg.workers >= 0, "workers", "must not be negative")
+    for name in ("auto_augment", "random_erasing"):
+        need(cfg.loader == "workers" or not getattr(cfg, name), name, "is per-image: add --loader workers")
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -76,6 +80,18 @@ def make_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     return Path(name[0])
 
 
+def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
+    """DeviceLoader (batched augmentation on the device) or the per-image DataLoader path."""
+    if cfg.loader == "device":
+        return DeviceLoader(train_set.images, train_set.labels, cfg.batch_size, accelerator.device,
+                            BatchAugment(augment_config(cfg), MEAN, STD), seed=cfg.seed,
+                            rank=accelerator.process_index, world_size=accelerator.num_processes,
+                            channels_last=cfg.channels_last)
+    transform = per_image_transform(augment_config(cfg), MEAN, STD, cfg.auto_augment, cfg.random_erasing)
+    return worker_loader(accelerator, train_set.images, train_set.labels, cfg.batch_size, transform, cfg.workers,
+                         cfg.seed, cfg.channels_last)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train per ``cfg``; returns the final epoch's metrics plus ``best_val_acc`` and ``run_dir``."""
     check_config(cfg)
@@ -97,7 +113,7 @@ def train(cfg: TrainConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
     weight_decay = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WEIGHT_DECAY[cfg.opt]
     model = model.to(accelerator.device)  # before the EMA copy, so both live on the device
-    optimizer = create_optimizer(model, cfg.opt, lr, weight_decay, cfg.momentum)
+    optimizer = create_optimizer(model, cfg.opt, lr, weight_decay, cfg.momentum, cfg.lookahead)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -105,11 +121,7 @@ def train(cfg: TrainConfig) -> dict:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    train_loader = DeviceLoader(
-        train_set.images, train_set.labels, cfg.batch_size, accelerator.device,
-        BatchAugment(augment_config(cfg), MEAN, STD), seed=cfg.seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, drop_last=True, channels_last=cfg.channels_last,
-    )
+    train_loader = make_train_loader(cfg, accelerator, train_set)
     val_loader = accelerator.prepare(eval_loader(val_set.images, val_set.labels, 500)) if len(val_set.labels) else None
     steps_per_epoch = len(train_loader)
     scheduler = create_scheduler(optimizer, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
@@ -153,7 +165,7 @@ def train(cfg: TrainConfig) -> dict:
         row = {"epoch": epoch + 1, "step": global_step, **stats}
         eval_model = ema.module if ema is not None else model
         if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            val = evaluate(eval_model, val_loader, accelerator, MEAN, STD, channels_last=cfg.channels_last)
+            val = evaluate(eval_model, val_loader, accelerator, MEAN, STD, tta=cfg.tta, channels_last=cfg.channels_last)
             row.update(val_loss=val["loss"], val_acc=val["acc"])
         improved = "val_acc" in row and row["val_acc"] > best_acc
         best_acc = max(best_acc, row.get("val_acc", -1.0))

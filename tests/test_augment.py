@@ -122,3 +122,19 @@ def test_pipeline_turns_uint8_into_normalised_float():
     assert -2.01 <= out.min() and out.max() <= 2.01
     plain = BatchAugment(AugmentConfig(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))(x, gen())
     torch.testing.assert_close(plain, (x.float() / 255 - 0.5) / 0.25)
+
+
+def test_per_image_pipeline_matches_the_batched_one_in_form():
+    import numpy as np
+    from PIL import Image
+
+    from resnet.loader import per_image_transform
+
+    cfg = AugmentConfig(crop_scale=0.5, translate=2, hflip=0.5, vflip=0.5, rotation=10, color_jitter=0.3, hue=0.1,
+                        blur_sigma=1.0, cutout=6)
+    t = per_image_transform(cfg, (0.5,) * 3, (0.25,) * 3, auto_augment="rand-m9-mstd0.5", random_erasing=0.5)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    out = t(img)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    plain = per_image_transform(AugmentConfig(), (0.5,) * 3, (0.25,) * 3)(img)
+    torch.testing.assert_close(plain, (torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255 - 0.5) / 0.25)

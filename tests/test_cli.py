@@ -69,8 +69,8 @@ def test_evaluate_val_matches_the_best_training_score(trained_run, cifar_dir, tm
 
 def test_evaluate_test_split_and_labeled_pickle(trained_run, cifar_dir, tmp_path):
     run_cli("evaluate.py", "--checkpoint", str(trained_run / "last.safetensors"), "--data-dir", str(cifar_dir),
-            "--tta", config=None)
-    assert json.loads((trained_run / "eval_test_tta.json").read_text())["n"] == 100
+            "--tta", "2", config=None)
+    assert json.loads((trained_run / "eval_test_tta2.json").read_text())["n"] == 100
     write_custom_pickle(tmp_path / "labeled.pkl", "nhwc", n=53, labels=True)
     run_cli("evaluate.py", "--checkpoint", str(trained_run), "--data", str(tmp_path / "labeled.pkl"),
             "--out", str(tmp_path / "l.json"), config=None)
@@ -154,3 +154,11 @@ def test_resume_after_a_crash_continues_exactly(cifar_dir, tmp_path, monkeypatch
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     rows = list(csv.DictReader((tmp_path / "b/metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def test_worker_loader_with_timm_policies(cifar_dir, tmp_path):
+    proc = run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "1", "--run-dir",
+                   str(tmp_path / "r"), "--wandb", "off", "--loader", "workers", "--workers", "1",
+                   "--auto-augment", "rand-m9-mstd0.5", "--random-erasing", "0.25", "--cutout", "4",
+                   "--lookahead", "--tta", "2")
+    assert "epoch 1/1" in proc.stdout and (tmp_path / "r" / "best.safetensors").is_file()

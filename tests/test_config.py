@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from conftest import ROOT
 from resnet.config import EvalConfig, TrainConfig, parse_config, save_config
 
 
@@ -62,3 +63,11 @@ def test_help_lists_every_field_with_its_default(capsys):
         parse_config(EvalConfig, ["--help"])
     out = capsys.readouterr().out
     assert "--checkpoint" in out and "--tta" in out and "(default: 500)" in out
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse_and_pass_the_checks(recipe):
+    from resnet.training import check_config
+
+    cfg = parse_config(TrainConfig, ["--config", str(recipe)])
+    check_config(cfg)

@@ -21,10 +21,17 @@ def epoch_labels(loader, epoch):
 
 def test_ranks_get_disjoint_equal_shards():
     loaders = [make(world_size=2, rank=r) for r in (0, 1)]
-    assert len(loaders[0]) == len(loaders[1]) == 51 // 10
+    assert len(loaders[0]) == len(loaders[1]) == 103 // 20
     seen = [epoch_labels(l, 0) for l in loaders]
     assert set(seen[0]).isdisjoint(seen[1])
     assert len(seen[0]) == len(seen[1]) == 50
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+    single = make(batch=20)
+    pair = [make(world_size=2, rank=r, batch=10) for r in (0, 1)]
+    for one, *halves in zip(single, *pair):
+        assert sorted(one[1].tolist()) == sorted(torch.cat([y for _, y in halves]).tolist())
 
 
 def test_each_epoch_is_a_new_seeded_permutation():

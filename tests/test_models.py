@@ -57,3 +57,17 @@ def test_bad_builder_arguments_are_named():
         create_model("resnet_tiny_20k", activation="tanh")
     with pytest.raises(ValueError, match="same length"):
         create_model("resnet_tiny_20k", blocks=[1, 1], widths=[8, 16, 32])
+
+
+def test_tta_levels_average_the_right_views():
+    from resnet.engine import tta_logits
+
+    torch.manual_seed(0)
+    model = create_model("resnet_tiny_20k").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        plain, mirror = model(x), model(x.flip(-1))
+        torch.testing.assert_close(tta_logits(model, x, 0), plain)
+        torch.testing.assert_close(tta_logits(model, x, 1), (plain + mirror) / 2)
+        level2 = tta_logits(model, x, 2)
+    assert level2.shape == (3, 10) and not torch.allclose(level2, (plain + mirror) / 2)
