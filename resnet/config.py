@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,10 @@ class TrainConfig:
                                            "(default: sgd/nesterov 5e-4, adam 0, adamw 0.05)")
     momentum: float = knob(0.9, "SGD momentum")
     epochs: int = knob(40, "training epochs")
-    batch_size: int = knob(256, "images per optimizer step on each process")
+    batch_size: int = knob(256, "images per optimizer step on each process (global batch = this x processes)")
+    lr_scale: str = knob("none", "scale --lr with the process count: linear (x N) or sqrt (x sqrt N)",
+                         choices=["none", "linear", "sqrt"])
+    sync_bn: bool = knob(False, "synchronise BatchNorm statistics across processes (small per-process batches)")
     warmup_epochs: float = knob(1.0, "linear warm-up from warmup_lr_ratio*lr, in epochs (fractions allowed)")
     warmup_lr_ratio: float = knob(0.01, "warm-up start lr as a fraction of the peak lr")
     min_lr_ratio: float = knob(0.0, "cosine floor as a fraction of the peak lr")
@@ -86,7 +88,7 @@ class TrainConfig:
     run_dir: str | None = knob(None, "run folder (default: runs/<model>-<activation>-<opt>-<time>)")
     resume: str | None = knob(None, "run folder to continue from its last saved state")
     eval_every: int = knob(1, "validate every N epochs (the last epoch always validates)")
-    tta: int = knob(0, "validation " + TTA_HELP, choices=[0, 1, 2])
+    tta: int = knob(0, "final-epoch validation " + TTA_HELP, choices=[0, 1, 2])
     progress: bool = knob(True, "show a progress bar on the main process")
     # --- tracking
     wandb: str = knob("auto", "W&B logging: auto = online when logged in, else offline", choices=["auto", "online", "offline", "off"])
@@ -226,7 +228,3 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def config_json(cfg: Any) -> str:
-    return json.dumps(config_to_dict(cfg), sort_keys=True)

@@ -29,7 +29,6 @@ def train_one_epoch(
 ) -> dict:
     """One pass over ``loader``; the lr follows ``global_step`` (scheduler.step_update after each update)."""
     model.train()
-    global_step_start = global_step
     device = accelerator.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -57,7 +56,7 @@ def train_one_epoch(
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
-        if global_step_start == global_step - 1:
+        if not first_step:
             loss.item()  # wait for the first step: its time shows one-off costs such as torch.compile
             first_step = time.perf_counter() - start
         bar.update()

@@ -202,3 +202,52 @@ def resnet_tiny_20k(**overrides) -> ResNet:
     """A 3-stage toy net (about 20k parameters) for tests and smoke runs, not for accuracy."""
     model_args = dict(blocks=(1, 1, 1), widths=(8, 16, 32), block="basic", activation="relu")
     return _build(model_args, overrides)
+
+
+class PoolStage(nn.Module):
+    """Conv, 2x2 max-pool, BN, activation, then a residual conv-BN-activation at the pooled size.
+
+    Pooling instead of strided convs is what makes airbench's net fast: the second conv of every
+    stage already runs at a quarter of the pixels.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, activation: str):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                                  nn.BatchNorm2d(out_ch), make_activation(activation))
+        self.conv = nn.Sequential(conv_bn(out_ch, out_ch, 3), make_activation(activation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(x)
+        return x + self.conv(x)
+
+
+class PoolResNet(nn.Module):
+    """airbench94's layout (stem, three pooling stages, global max-pool, scaled linear head) with residuals."""
+
+    def __init__(self, widths: Sequence[int] = (64, 256, 256), stem_width: int = 24, activation: str = "gelu",
+                 num_classes: int = 10, head_scale: float = 1 / 9):
+        super().__init__()
+        # airbench's 2x2 unpadded stem: 32x32 -> 31x31 at 24 channels, cheaper than a 3x3 at 32.
+        self.stem = nn.Sequential(nn.Conv2d(3, stem_width, 2, bias=False), nn.BatchNorm2d(stem_width),
+                                  make_activation(activation))
+        chans = [stem_width, *widths]
+        self.stages = nn.Sequential(*[PoolStage(a, b, activation) for a, b in zip(chans, chans[1:])])
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(chans[-1], num_classes, bias=False)
+        # A small output scale keeps the initial logits tame under the high learning rates this net likes.
+        self.head_scale = head_scale
+        self.num_features = chans[-1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(self.stem(x))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x)) * self.head_scale
+
+
+@register_model
+def resnet_airbench_2m(**overrides) -> PoolResNet:
+    """Fast net for time-to-accuracy: airbench94's widths 64-256-256 with pooling stages and residual convs."""
+    model_args = dict(widths=(64, 256, 256), stem_width=24, activation="gelu")
+    return PoolResNet(**{**model_args, **overrides})

@@ -15,7 +15,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .augment import AugmentConfig, BatchAugment
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
-from .distributed import create_accelerator
+from .distributed import create_accelerator, scaled_lr
 from .data import CLASSES, MEAN, STD, cifar10_splits
 from .engine import evaluate, train_one_epoch
 from .loader import DeviceLoader, eval_loader, per_image_transform, worker_loader
@@ -93,10 +93,13 @@ def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train per ``cfg``; returns the final epoch's metrics plus ``best_val_acc`` and ``run_dir``."""
+    """Train per ``cfg``; returns the final epoch's metrics, ``best_val_acc``, ``run_dir`` and the trained ``model``."""
+    started = time.perf_counter()
     check_config(cfg)
     wandb_mode = resolve_wandb_mode(cfg.wandb)
     accelerator = create_accelerator(log_with="wandb" if wandb_mode != "off" else None)
+    if cfg.sync_bn and accelerator.device.type == "cpu":
+        raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; drop it for CPU runs")
     set_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     run_dir = make_run_dir(cfg, accelerator)
     if accelerator.is_main_process:
@@ -110,13 +113,16 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
+    base_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
+    lr = scaled_lr(base_lr, cfg.lr_scale, accelerator.num_processes)
     weight_decay = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WEIGHT_DECAY[cfg.opt]
     model = model.to(accelerator.device)  # before the EMA copy, so both live on the device
     optimizer = create_optimizer(model, cfg.opt, lr, weight_decay, cfg.momentum, cfg.lookahead)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    if cfg.sync_bn and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -150,10 +156,13 @@ def train(cfg: TrainConfig) -> dict:
                                                                 cfg.wandb_tags))
         if wandb_mode == "offline":
             accelerator.print(f"W&B offline; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
+    n_proc = accelerator.num_processes
     accelerator.print(
-        f"{cfg.model} ({n_params:,} parameters) | {accelerator.num_processes} process(es) x batch {cfg.batch_size} "
-        f"on {accelerator.device.type} | precision {accelerator.mixed_precision} | {len(train_set.labels):,} train / "
-        f"{len(val_set.labels):,} val images | {steps_per_epoch} steps/epoch | lr {lr:g} | run {run_dir}"
+        f"global batch {cfg.batch_size * n_proc} ({n_proc} process{'es' if n_proc > 1 else ''} x {cfg.batch_size}), "
+        f"lr {lr:g}{f' ({cfg.lr_scale}-scaled from {base_lr:g})' if lr != base_lr else ''} | {cfg.model} "
+        f"({n_params:,} parameters) on {accelerator.device.type}, precision {accelerator.mixed_precision} | "
+        f"{len(train_set.labels):,} train / {len(val_set.labels):,} val images, {steps_per_epoch} steps/epoch | "
+        f"run {run_dir}"
     )
 
     row: dict = {}
@@ -164,12 +173,16 @@ def train(cfg: TrainConfig) -> dict:
         global_step = stats.pop("global_step")
         row = {"epoch": epoch + 1, "step": global_step, **stats}
         eval_model = ema.module if ema is not None else model
-        if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            val = evaluate(eval_model, val_loader, accelerator, MEAN, STD, tta=cfg.tta, channels_last=cfg.channels_last)
+        last = epoch + 1 == cfg.epochs
+        if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
+            # TTA multiplies eval cost, so only the final validation pays for it.
+            val = evaluate(eval_model, val_loader, accelerator, MEAN, STD, tta=cfg.tta if last else 0,
+                           channels_last=cfg.channels_last)
             row.update(val_loss=val["loss"], val_acc=val["acc"])
         improved = "val_acc" in row and row["val_acc"] > best_acc
         best_acc = max(best_acc, row.get("val_acc", -1.0))
         row["best_val_acc"] = best_acc if best_acc >= 0 else None
+        row["elapsed"] = time.perf_counter() - started  # seconds since start-up, evaluations included
         accelerator.log({k: v for k, v in row.items() if v is not None}, step=global_step)
         if accelerator.is_main_process:
             metrics.append(row)
@@ -180,8 +193,11 @@ def train(cfg: TrainConfig) -> dict:
                 ckpt.save_weights(run_dir / "best.safetensors", weights, epoch_meta)
         ckpt.save_state(accelerator, run_dir, {"epoch": epoch + 1, "global_step": global_step, "best_val_acc": best_acc})
         accelerator.print(_summary(row, cfg.epochs))
+        if cfg.compile and epoch == start_epoch:
+            accelerator.print(f"torch.compile: the first step took {row['first_step_time']:.1f}s (one-off compile cost)")
     accelerator.end_training()
-    return {**row, "best_val_acc": best_acc, "run_dir": str(run_dir)}
+    return {**row, "best_val_acc": best_acc, "run_dir": str(run_dir),
+            "model": accelerator.unwrap_model(model, keep_torch_compile=False)}
 
 
 def _summary(row: dict, epochs: int) -> str:

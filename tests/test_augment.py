@@ -137,4 +137,4 @@ def test_per_image_pipeline_matches_the_batched_one_in_form():
     out = t(img)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     plain = per_image_transform(AugmentConfig(), (0.5,) * 3, (0.25,) * 3)(img)
-    torch.testing.assert_close(plain, (torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255 - 0.5) / 0.25)
+    torch.testing.assert_close(plain, (torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - 0.5) / 0.25)

@@ -21,7 +21,8 @@ def trained_run(cifar_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     proc = run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "3", "--opt", "adam",
                    "--lr", "0.01", "--run-dir", str(run_dir), "--wandb", "offline")
-    assert "resnet_tiny_20k" in proc.stdout and "epoch 3/3" in proc.stdout
+    assert "global batch 32 (1 process x 32), lr 0.01 | resnet_tiny_20k" in proc.stdout
+    assert "epoch 3/3" in proc.stdout
     return run_dir
 
 

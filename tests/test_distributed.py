@@ -44,7 +44,7 @@ def test_two_process_training_run_finishes(cifar_dir, tmp_path):
     run_dir = tmp_path / "ddp"
     proc = run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "2", "--run-dir", str(run_dir),
                    "--wandb", "offline", config="cpu_ddp.yaml")
-    assert "2 process(es)" in proc.stdout
+    assert "global batch 64 (2 processes x 32), lr 0.1" in proc.stdout
     # Printing and file writing happen once, on the main process.
     assert proc.stdout.count("epoch 2/2") == 1
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
@@ -54,3 +54,53 @@ def test_two_process_training_run_finishes(cifar_dir, tmp_path):
     assert sorted(p.name for p in (run_dir / "state").glob("random_states_*")) == \
         ["random_states_0.pkl", "random_states_1.pkl"]
     assert np.isfinite(float(rows[-1]["val_loss"]))
+
+
+def _probe_train(out_dir, config, *flags):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_cli(str(ROOT / "tests" / "ddp_train_probe.py"), str(out_dir), *flags, config=config)
+    return {p.stem: torch.load(p) for p in sorted(out_dir.glob("rank*.pt"))}
+
+
+# No augmentation, so the only difference between 1 x 32 and 2 x 16 is per-process BatchNorm statistics.
+SAME_GLOBAL_BATCH = [*TINY_RUN[:2], "--epochs", "2", "--val-split", "100", "--no-progress", "--no-download",
+                     "--wandb", "off", "--hflip", "0", "--translate", "0", "--opt", "adam", "--lr", "0.01"]
+
+
+def test_ranks_agree_and_match_a_single_process_run_with_the_same_global_batch(cifar_dir, tmp_path):
+    flags = [*SAME_GLOBAL_BATCH, "--data-dir", str(cifar_dir)]
+    two = _probe_train(tmp_path / "two", "cpu_ddp.yaml", *flags, "--batch-size", "16", "--run-dir",
+                       str(tmp_path / "two_run"))
+    one = _probe_train(tmp_path / "one", "cpu.yaml", *flags, "--batch-size", "32", "--run-dir",
+                       str(tmp_path / "one_run"))
+    assert sorted(r["rank"] for r in two.values()) == [0, 1]
+    assert all(r["world_size"] == 2 for r in two.values()) and one["rank0"]["world_size"] == 1
+    # After training, both ranks hold identical parameters (DDP keeps them in step).
+    for k, v in two["rank0"]["state"].items():
+        assert torch.equal(v, two["rank1"]["state"][k]), k
+    # Same global batches, same seed: the loss agrees within a small tolerance.
+    assert two["rank0"]["train_loss"] == pytest.approx(one["rank0"]["train_loss"], rel=0.03)
+    drift = max((two["rank0"]["state"][k].float() - v.float()).abs().max().item()
+                for k, v in one["rank0"]["state"].items() if v.is_floating_point())
+    assert drift < 0.05
+
+
+def test_resume_a_two_process_run_with_one_process(cifar_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "1", "--run-dir", str(run_dir),
+            "--wandb", "off", config="cpu_ddp.yaml")
+    proc = run_cli("train.py", "--resume", str(run_dir), "--epochs", "2", config="cpu.yaml")
+    assert "global batch 32 (1 process x 32)" in proc.stdout and "epoch 2/2" in proc.stdout
+    assert "epoch 1/2" not in proc.stdout  # continued, not restarted
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert int(rows[1]["step"]) == int(rows[0]["step"]) + 300 // 32
+
+
+def test_lr_scaling_and_sync_bn_rules(cifar_dir, tmp_path):
+    proc = run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "1", "--wandb", "off",
+                   "--run-dir", str(tmp_path / "r"), "--lr", "0.1", "--lr-scale", "linear", config="cpu_ddp.yaml")
+    assert "global batch 64 (2 processes x 32), lr 0.2 (linear-scaled from 0.1)" in proc.stdout
+    proc = run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "1", "--wandb", "off",
+                   "--run-dir", str(tmp_path / "s"), "--sync-bn", config="cpu_ddp.yaml", check=False)
+    assert proc.returncode != 0 and "SyncBatchNorm runs on GPUs only" in proc.stderr

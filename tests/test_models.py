@@ -71,3 +71,4 @@ def test_tta_levels_average_the_right_views():
         torch.testing.assert_close(tta_logits(model, x, 1), (plain + mirror) / 2)
         level2 = tta_logits(model, x, 2)
     assert level2.shape == (3, 10) and not torch.allclose(level2, (plain + mirror) / 2)
+

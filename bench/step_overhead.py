@@ -1,0 +1,103 @@
+"""Benchmark: a full train.py step vs the bare model's forward + backward + optimizer step.
+
+    python bench/step_overhead.py [--model resnet_report_4m] [--batch-size 128] [--mixed-precision bf16]
+    accelerate launch --config_file accelerate_configs/bf16.yaml bench/step_overhead.py   (same thing)
+
+The full step is the suite's own: DeviceLoader batch with the default augmentation (translate + flip,
+drawn per image), label-smoothed loss through the prepared model, Accelerate backward, optimizer,
+scheduler.step_update, metric accumulation. The bare step feeds one fixed, ready tensor to the same
+net. Both run in this process, alternating, best of --repeats. Goal: overhead at most 10%.
+"""
+import argparse
+import copy
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from resnet.augment import AugmentConfig, BatchAugment  # noqa: E402
+from resnet.data import MEAN, STD  # noqa: E402
+from resnet.distributed import create_accelerator  # noqa: E402
+from resnet.engine import train_one_epoch  # noqa: E402
+from resnet.loader import DeviceLoader  # noqa: E402
+from resnet.models import create_model  # noqa: E402
+from resnet.optim import create_optimizer, create_scheduler  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_steps(model, optimizer, x, y, steps, autocast) -> float:
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    sync(x.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        with autocast():
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    loss.item()
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet_report_4m")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
+                        help="default: the accelerate config's")
+    args = parser.parse_args()
+
+    kw = {"mixed_precision": args.mixed_precision} if args.mixed_precision else {}
+    accelerator = create_accelerator(**kw)
+    device = accelerator.device
+    torch.manual_seed(0)
+    base = create_model(args.model).to(device, memory_format=torch.channels_last)
+    bare = copy.deepcopy(base)
+
+    # Full path: everything train.py runs per step.
+    n = args.batch_size * args.steps
+    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(n) % 10
+    loader = DeviceLoader(images, labels, args.batch_size, device, BatchAugment(AugmentConfig(translate=4, hflip=0.5),
+                          MEAN, STD), channels_last=True)
+    opt = create_optimizer(base, "nesterov", 0.05, 5e-4)
+    model, opt = accelerator.prepare(base, opt)
+    sched = create_scheduler(opt, 10**6, 0, 0.1, 0.0)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    # Bare path: the same net and batch size, one ready tensor, the same dtype policy.
+    bare_opt = create_optimizer(bare, "nesterov", 0.05, 5e-4)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+
+    full_rates, bare_rates, step = [], [], 0
+    for round_ in range(args.repeats + 1):  # round 0 warms both paths up
+        stats = train_one_epoch(model, loader, opt, sched, accelerator, loss_fn, step, round_, progress=False)
+        step = stats["global_step"]
+        rate = bare_steps(bare, bare_opt, x, y, args.steps, autocast)
+        if round_:
+            full_rates.append(stats["images_per_sec"])
+            bare_rates.append(rate)
+    full, bare_best = max(full_rates), max(bare_rates)
+    print(f"{args.model}, batch {args.batch_size}, {accelerator.mixed_precision} precision, {device}, "
+          f"torch threads {torch.get_num_threads()}, best of {args.repeats} x {args.steps} steps")
+    print(f"bare forward+backward+step: {bare_best:8.1f} img/s")
+    print(f"full train.py step:         {full:8.1f} img/s")
+    print(f"overhead: {100 * (bare_best / full - 1):.1f}% (goal: at most 10%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+import os
+
+import pytest
+import torch
+
+from resnet.config import ConfigError
+from resnet.distributed import create_accelerator, scaled_lr, use_all_cores
+
+
+def test_lr_scaling_rules():
+    assert scaled_lr(0.1, "none", 8) == 0.1
+    assert scaled_lr(0.1, "linear", 8) == pytest.approx(0.8)
+    assert scaled_lr(0.1, "sqrt", 4) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("local_world_size", [1, 2])
+def test_cpu_processes_get_their_share_of_the_cores(monkeypatch, local_world_size):
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
+    try:
+        torch.set_num_threads(1)  # what accelerate launch leaves behind with OMP_NUM_THREADS=1
+        use_all_cores()
+        assert torch.get_num_threads() == max(1, cores // local_world_size)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fp16_is_refused_on_cpu():
+    from accelerate.state import AcceleratorState
+
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator")
+    AcceleratorState._reset_state(reset_partial_state=True)  # other tests may have fixed the precision
+    try:
+        with pytest.raises(ConfigError, match="bf16"):
+            create_accelerator(mixed_precision="fp16")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
