@@ -63,8 +63,10 @@ def _probe_train(out_dir, config, *flags):
 
 
 # No augmentation, so the only difference between 1 x 32 and 2 x 16 is per-process BatchNorm statistics.
-SAME_GLOBAL_BATCH = [*TINY_RUN[:2], "--epochs", "2", "--val-split", "100", "--no-progress", "--no-download",
-                     "--wandb", "off", "--hflip", "0", "--translate", "0", "--opt", "adam", "--lr", "0.01"]
+# A gentle lr keeps that BatchNorm difference from compounding over the few steps compared.
+SAME_GLOBAL_BATCH = [*TINY_RUN[:2], "--epochs", "1", "--val-split", "100", "--no-progress", "--no-download",
+                     "--wandb", "off", "--hflip", "0", "--translate", "0", "--opt", "sgd", "--lr", "0.02",
+                     "--warmup-epochs", "0"]
 
 
 def test_ranks_agree_and_match_a_single_process_run_with_the_same_global_batch(cifar_dir, tmp_path):
@@ -81,7 +83,7 @@ def test_ranks_agree_and_match_a_single_process_run_with_the_same_global_batch(c
     # Same global batches, same seed: the loss agrees within a small tolerance.
     assert two["rank0"]["train_loss"] == pytest.approx(one["rank0"]["train_loss"], rel=0.03)
     drift = max((two["rank0"]["state"][k].float() - v.float()).abs().max().item()
-                for k, v in one["rank0"]["state"].items() if v.is_floating_point())
+                for k, v in one["rank0"]["state"].items() if "running_" not in k)  # weights, not BN buffers
     assert drift < 0.05
 
 
