@@ -6,7 +6,8 @@ Layout of ``runs/<name>/``::
     metrics.csv          one row per epoch (tracking.py)
     best.safetensors     weights with the best validation accuracy
     last.safetensors     weights after the latest epoch
-    state/               accelerator.save_state + trainer.json (epoch, step, best), for --resume
+    summary.json         what compare/grid read: finished, best val acc and epoch, params, times
+    state/               accelerator.save_state + trainer.json (epoch, step in epoch, best), for --resume
 
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written
 checkpoint behind.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +25,60 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import atomic_path, atomic_write_text
 from .models import create_model
 
 META_KEY = "resnet"
 STATE_DIR = "state"
 TRAINER_FILE = "trainer.json"
+SUMMARY_FILE = "summary.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or unreadable; the message names the path."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_weights(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write ``model``'s state dict and ``meta`` (JSON-able) to a .safetensors file, atomically."""
-    path = Path(path)
+    """Write ``model``'s state dict and ``meta`` (JSON-able) to a .safetensors file, atomically.
+
+    ``trained_at`` (UTC, ISO 8601) is added: "the newest run" means the one trained last, which file
+    times cannot tell once evaluate.py has written into an older run.
+    """
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
+    meta = {**meta, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+
+
+def read_meta(file: Path) -> dict:
+    """The suite's metadata of a .safetensors file (header only, no tensors read)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return json.loads((f.metadata() or {})[META_KEY])
+    except KeyError:
+        raise CheckpointError(f"{file}: no '{META_KEY}' metadata; not a checkpoint written by this suite") from None
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable .safetensors checkpoint ({type(e).__name__}: {e})") from None
+
+
+def newest_run(runs_root: str | Path = "runs") -> Path:
+    """The run folder under ``runs_root`` whose weights were trained last (by their metadata)."""
+    trained = []
+    for run in Path(runs_root).glob("*/"):
+        file = next((run / n for n in ("last.safetensors", "best.safetensors") if (run / n).is_file()), None)
+        if file is not None:
+            try:
+                trained.append((read_meta(file).get("trained_at", ""), run))
+            except CheckpointError:
+                continue  # not ours, or damaged: never "the newest run"
+    if not trained:
+        raise CheckpointError(f"no trained run found in {runs_root}/; pass --checkpoint RUN_DIR or FILE.safetensors")
+    return max(trained)[1]
 
 
 def resolve_checkpoint(path: str | Path | None, runs_root: str | Path = "runs") -> Path:
     """A .safetensors file as given; a run folder -> its best (else last) weights; None -> newest run."""
-    if path is None:
-        runs = sorted((p for p in Path(runs_root).glob("*/") if any(p.glob("*.safetensors"))),
-                      key=lambda p: p.stat().st_mtime)
-        if not runs:
-            raise CheckpointError(f"no trained run found in {runs_root}/; pass --checkpoint RUN_DIR or FILE.safetensors")
-        path = runs[-1]
-    path = Path(path)
+    path = Path(path) if path is not None else newest_run(runs_root)
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
             if (path / name).is_file():
@@ -71,17 +92,36 @@ def resolve_checkpoint(path: str | Path | None, runs_root: str | Path = "runs") 
 def load_checkpoint(path: str | Path | None, runs_root: str | Path = "runs") -> tuple[nn.Module, dict, Path]:
     """Rebuild the model stored at ``path`` (see resolve_checkpoint); returns (model in eval mode, meta, file)."""
     file = resolve_checkpoint(path, runs_root)
+    meta = read_meta(file)
     try:
         with safe_open(str(file), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[META_KEY])
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except KeyError:
-        raise CheckpointError(f"{file}: no '{META_KEY}' metadata; not written by this suite") from None
+        model = create_model(meta["model"], **meta["model_kwargs"])
     except Exception as e:
-        raise CheckpointError(f"{file}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    model = create_model(meta["model"], **meta["model_kwargs"])
-    model.load_state_dict(state)
+        raise CheckpointError(f"{file}: cannot rebuild the model it holds ({type(e).__name__}: {e})") from None
+    load_weights(model, state, file)
     return model.eval(), meta, file
+
+
+def load_weights(model: nn.Module, state: dict, source: Path) -> None:
+    """``load_state_dict`` with a one-line error naming the file and the first mismatches."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        missing = [k for k in model.state_dict() if k not in state]
+        unexpected = [k for k in state if k not in model.state_dict()]
+        if missing or unexpected:
+            detail = f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, " \
+                     f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        else:
+            detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CheckpointError(f"{source}: weights do not fit the model ({detail}); "
+                              f"was it trained with another --model or --model-kwargs?") from None
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``summary.json``: the run at a glance (finished, best val acc, params, times) for compare and grid."""
+    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
 
 
 def save_state(accelerator, run_dir: Path, trainer: dict[str, Any]) -> None:
@@ -93,7 +133,7 @@ def save_state(accelerator, run_dir: Path, trainer: dict[str, Any]) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=2))
+        atomic_write_text(tmp / TRAINER_FILE, json.dumps(trainer, indent=2))
         # Swap in two renames: at every moment either state/ or state.old/ is complete.
         if final.exists():
             os.replace(final, old)
@@ -114,5 +154,10 @@ def state_dir_for_resume(run_dir: str | Path) -> Path:
 def load_state(accelerator, run_dir: str | Path) -> dict[str, Any]:
     """Restore the accelerator state of a run; returns its trainer.json."""
     state = state_dir_for_resume(run_dir)
-    accelerator.load_state(str(state))
-    return json.loads((state / TRAINER_FILE).read_text())
+    try:
+        accelerator.load_state(str(state))
+        return json.loads((state / TRAINER_FILE).read_text())
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{state}: cannot resume from this state ({type(e).__name__}: {first[:300]}); "
+                              f"was the run trained with another --model, --model-kwargs or optimizer?") from None

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Callable, Sequence, TypeVar
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, parse_config
+from .config import ConfigError, parse_args
 from .data import DataError
+from .interrupt import Stopped
 
 T = TypeVar("T")
 # Errors whose message already says what is wrong and where: no traceback for these.
@@ -14,9 +16,23 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def run_script(cls: type[T], main: Callable[[T], object], description: str, argv: Sequence[str] | None = None) -> None:
-    cfg = parse_config(cls, argv, description)
+    cfg, debug = parse_args(cls, argv, description)
     try:
         main(cfg)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {e}", 2, debug)
+    except Stopped as e:
+        _fail(str(e), e.exit_code, debug)
+    except OSError as e:  # a folder that is missing, read-only or full: the user's to fix, not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"error: {where}{e.strerror or e}", 2, debug)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130, debug)
+
+
+def _fail(line: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    # Flushed before exiting, so it comes before the CalledProcessError traceback accelerate launch adds.
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)

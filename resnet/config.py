@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from .atomic import atomic_write_text
 from .models import ACTIVATIONS, list_models
 
 T = TypeVar("T")
@@ -87,6 +89,7 @@ class TrainConfig:
     seed: int = knob(0, "seed for initialisation, data order and augmentation")
     run_dir: str | None = knob(None, "run folder (default: runs/<model>-<activation>-<opt>-<time>)")
     resume: str | None = knob(None, "run folder to continue from its last saved state")
+    overwrite: bool = knob(False, "start afresh in a --run-dir that already holds a run (its files are deleted)")
     eval_every: int = knob(1, "validate every N epochs (the last epoch always validates)")
     tta: int = knob(0, "final-epoch validation " + TTA_HELP, choices=[0, 1, 2])
     progress: bool = knob(True, "show a progress bar on the main process")
@@ -99,14 +102,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoint: str | None = knob(None, "run folder or .safetensors file (default: newest run in runs/)")
+    checkpoint: str | None = knob(None, "run folder or .safetensors file (default: the most recently trained run in runs/)")
     split: str = knob("test", "which CIFAR-10 split to score", choices=["test", "val"])
     data: str | None = knob(None, "custom labeled pickle (dict with data, labels) instead of CIFAR-10")
     data_dir: str = knob("~/.cache/cifar10", "folder holding cifar-10-batches-py/")
     download: bool = knob(True, "download the official archive when the data is missing")
     val_split: int | None = knob(None, "validation size used for --split val (default: the run's own)")
     batch_size: int = knob(500, "images per forward pass")
-    tta: int = knob(0, TTA_HELP, choices=[0, 1, 2])
+    tta: int | None = knob(None, TTA_HELP + " (default: the level the run validated with)", choices=[0, 1, 2])
     out: str | None = knob(None, "JSON report path (default: <run>/eval_<split>.json)")
 
 
@@ -114,13 +117,32 @@ class EvalConfig:
 class PredictConfig:
     data: str = knob("custom_test.pkl", "pickle with 'data' (N,3072 or N,32,32,3 uint8) and 'ids'")
     out: str = knob("submission.csv", "CSV to write with header ID,Labels")
-    checkpoint: str | None = knob(None, "run folder or .safetensors file (default: newest run's best)")
+    checkpoint: str | None = knob(None, "run folder or .safetensors file (default: the most recently trained run's best)")
     batch_size: int = knob(500, "images per forward pass")
-    tta: int = knob(0, TTA_HELP, choices=[0, 1, 2])
+    tta: int | None = knob(None, TTA_HELP + " (default: the level the run validated with)", choices=[0, 1, 2])
 
 
 class ConfigError(ValueError):
     """A bad value in a recipe file or flag; the message names the source and the field."""
+
+
+# --help sections, timm-style: each starts at the named field and runs to the next section's first field.
+HELP_SECTIONS = {"model": "model", "opt": "optimisation", "crop_scale": "augmentation", "loader": "data",
+                 "seed": "run", "wandb": "tracking"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ``error:`` line (no usage dump) and suggests near flags."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if "unrecognized arguments" in message:
+            known = [o for a in self._actions for o in a.option_strings]
+            unknown = message.split(":", 1)[1].split()
+            hints = {u: difflib.get_close_matches(u.split("=")[0], known, n=1) for u in unknown}
+            hints = [f"{u} (did you mean {h[0]}?)" for u, h in hints.items() if h]
+            if hints:
+                message += "; " + ", ".join(hints)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _flag(name: str) -> str:
@@ -134,7 +156,10 @@ def _base_type(tp: Any) -> Any:
 
 
 def _parse_dict(text: str) -> dict:
-    value = yaml.safe_load(text) if text.strip() else {}
+    try:
+        value = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON/YAML mapping, got {text!r} ({_yaml_problem(e)})")
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON/YAML mapping, got {text!r}")
     return value
@@ -144,14 +169,25 @@ def _parse_list(text: str) -> list:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + str(getattr(e, "problem", None) or e).strip()
+
+
+def build_parser(cls: type, description: str) -> ArgumentParser:
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe whose keys set defaults; flags win")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     hints = typing.get_type_hints(cls)
+    group: Any = parser
     for f in dataclasses.fields(cls):
+        if f.name in HELP_SECTIONS and cls is TrainConfig:
+            group = parser.add_argument_group(HELP_SECTIONS[f.name])
         tp = _base_type(hints[f.name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kw: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {default})", "dest": f.name,
+        text = f.metadata.get("help", "")
+        kw: dict[str, Any] = {"help": text if "default" in text else f"{text} (default: {default})", "dest": f.name,
                               # SUPPRESS: only flags actually given override a --config recipe
                               "default": argparse.SUPPRESS}
         if f.metadata.get("choices"):
@@ -164,16 +200,26 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
             kw.update(type=_parse_list, metavar="A,B")
         else:
             kw["type"] = tp
-        parser.add_argument(_flag(f.name), **kw)
+        group.add_argument(_flag(f.name), **kw)
     return parser
 
 
 def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
-    """Check a recipe value against the field's type; ints are accepted where floats are expected."""
+    """Check a recipe value against the field's type.
+
+    Ints are accepted where floats are expected, and numeric strings where numbers are: PyYAML reads
+    ``1e-3`` (no dot) as a string, and people write recipes that way.
+    """
     tp_full = typing.get_type_hints(cls)[name]
     tp = _base_type(tp_full)
     if value is None and type(None) in typing.get_args(tp_full):
         return None
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{source}: field '{name}' expects a number, got {value!r}") from None
+        value = int(number) if tp is int and number.is_integer() else number
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is list and isinstance(value, str):
@@ -191,35 +237,50 @@ def load_recipe(cls: type, path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the recipe ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+        raise ConfigError(f"{path}: expected a mapping of field: value at the top level, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ConfigError(f"{path}: unknown field '{key}'; known fields: {', '.join(sorted(known))}")
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else f"known fields: {', '.join(sorted(known))}"
+            raise ConfigError(f"{path}: unknown field '{key}'; {hint}")
         out[name] = _coerce(cls, name, value, str(path))
     return out
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str = "") -> T:
     """Parse ``argv`` (default: sys.argv) into ``cls``: defaults, then --config, then flags."""
+    return parse_args(cls, argv, description)[0]
+
+
+def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str = "") -> tuple[T, bool]:
+    """``(config, debug)``: as parse_config, plus whether --debug was given."""
     parser = build_parser(cls, description)
     args = vars(parser.parse_args(argv))
+    debug = args.pop("debug")
     values = {}
     recipe = args.pop("config", None)
     if not recipe and args.get("resume"):
         # Resuming repeats the run's own saved config; flags given now (e.g. --epochs) still win.
         recipe = str(Path(args["resume"]) / "config.yaml")
+        if not Path(recipe).is_file():
+            parser.error(f"--resume {args['resume']}: no config.yaml there; is it a run folder of this suite?")
     if recipe:
         try:
             values.update(load_recipe(cls, recipe))
         except ConfigError as e:
             parser.error(str(e))
     values.update(args)
-    return cls(**values)
+    return cls(**values), debug
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -227,4 +288,4 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -26,17 +26,29 @@ def train_one_epoch(
     ema: nn.Module | None = None,
     clip_grad: float = 0.0,
     progress: bool = True,
+    start_step: int = 0,
+    carry: dict | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
-    """One pass over ``loader``; the lr follows ``global_step`` (scheduler.step_update after each update)."""
+    """One pass over ``loader``; the lr follows ``global_step`` (scheduler.step_update after each update).
+
+    ``start_step`` and ``carry`` continue an epoch that was stopped part-way (the loader already skips the
+    batches done; ``carry`` holds the sums so far over all ranks: give them to one rank only). After every step the loop checks ``stop()`` and that
+    the loss is finite, agreed across processes; it then returns early with ``stopped`` or ``nonfinite``
+    set and ``step_in_epoch`` = the steps done. ``train_sums`` lets the caller save a partial epoch.
+    """
     model.train()
     device = accelerator.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+    carry = carry or {}
+    loss_sum = torch.tensor(float(carry.get("loss_sum", 0.0)), device=device)
+    correct = torch.tensor(int(carry.get("correct", 0)), device=device, dtype=torch.long)
+    seen = int(carry.get("seen", 0))
+    total = len(loader)
+    bar = tqdm(total=total, initial=start_step, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
     first_step = 0.0
+    step, stopped, nonfinite = start_step, False, False
     for x, y in loader:
         target = y
         if mixup is not None:
@@ -49,32 +61,45 @@ def train_one_epoch(
             accelerator.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         global_step += 1
+        step += 1
         scheduler.step_update(global_step)
         if ema is not None:
             ema.update(model, step=global_step)
-        # Accumulate on the device; reading .item() every step would stall a GPU.
+        # Accumulate on the device; only the one flag check below reads back from it each step.
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         if not first_step:
-            loss.item()  # wait for the first step: its time shows one-off costs such as torch.compile
-            first_step = time.perf_counter() - start
+            first_step = time.perf_counter() - start  # includes one-off costs such as torch.compile
         bar.update()
         if bar.n % 25 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+        flags = torch.stack([~torch.isfinite(loss.detach()),
+                             torch.tensor(bool(stop and stop()), device=device)]).float()
+        if accelerator.num_processes > 1:  # every rank must stop at the same step
+            flags = accelerator.reduce(flags, reduction="sum")
+        nonfinite, stopped = (bool(v > 0) for v in flags.tolist())
+        if nonfinite or (stopped and step < total):
+            break
     bar.close()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start + float(carry.get("elapsed", 0.0))
     totals = accelerator.reduce(torch.stack([loss_sum.float(), correct.float(),
                                              torch.tensor(float(seen), device=device)]), reduction="sum")
     loss_total, correct_total, seen_total = totals.tolist()
+    # Sums over all ranks: a resumed epoch carries them on the main process only (see ``carry``).
+    sums = {"loss_sum": loss_total, "correct": int(correct_total), "seen": int(seen_total), "elapsed": elapsed}
     return {
         "train_loss": loss_total / max(seen_total, 1),
         "train_acc": correct_total / max(seen_total, 1),
         "lr": optimizer.param_groups[0]["lr"],
-        "images_per_sec": seen_total / elapsed,
+        "images_per_sec": seen_total / max(elapsed, 1e-9),
         "epoch_time": elapsed,
         "first_step_time": first_step,
         "global_step": global_step,
+        "step_in_epoch": step,
+        "stopped": stopped and step < total,
+        "nonfinite": nonfinite,
+        "train_sums": sums,
     }
 
 

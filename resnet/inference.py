@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path, atomic_write_text
 from .checkpoint import load_checkpoint
-from .config import EvalConfig, PredictConfig
+from .config import ConfigError, EvalConfig, PredictConfig
 from .data import DataError, cifar10_splits, load_cifar10, load_custom_pickle
 from .distributed import create_accelerator
 from .engine import confusion_matrix, evaluate, predict
@@ -40,23 +40,43 @@ def _labeled_data(cfg: EvalConfig, meta: dict) -> tuple[np.ndarray, np.ndarray, 
     return val.images, val.labels, "val"
 
 
+def check_output_folder(out: Path, flag: str = "--out") -> None:
+    """Fail before any work when the output's folder is missing or is not a folder."""
+    folder = out.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ConfigError(f"{flag} {out}: the folder {folder} {what}; create it first")
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out}: is a folder; give a file name")
+
+
+def tta_level(requested: int | None, meta: dict, accelerator) -> int:
+    """--tta as given, else the level the run validated with (older checkpoints: 0); printed either way."""
+    level = requested if requested is not None else int(meta.get("tta", 0))
+    source = "as asked" if requested is not None else "the run's own validation setting"
+    accelerator.print(f"test-time augmentation level {level} ({source})")
+    return level
+
+
 def run_evaluate(cfg: EvalConfig) -> dict:
     """Accuracy, loss, per-class accuracy and confusion matrix; printed, and saved as JSON + PNG."""
+    if cfg.out:
+        check_output_folder(Path(cfg.out))
     model, meta, file = load_checkpoint(cfg.checkpoint)
     images, labels, name = _labeled_data(cfg, meta)
     accelerator, model, loader = _prepare(model, images, labels, cfg.batch_size)
-    result = evaluate(model, loader, accelerator, meta["mean"], meta["std"], tta=cfg.tta, channels_last=True,
+    tta = tta_level(cfg.tta, meta, accelerator)
+    result = evaluate(model, loader, accelerator, meta["mean"], meta["std"], tta=tta, channels_last=True,
                       progress=True)
     classes = meta["classes"]
     matrix = confusion_matrix(result["targets"], result["preds"], len(classes))
     per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
-    report = {"checkpoint": str(file), "data": name, "n": result["n"], "tta": cfg.tta,
+    report = {"checkpoint": str(file), "data": name, "n": result["n"], "tta": tta,
               "accuracy": result["acc"], "loss": result["loss"], "per_class_accuracy": per_class,
               "confusion_matrix": matrix.tolist()}
     if accelerator.is_main_process:
-        out = Path(cfg.out) if cfg.out else file.parent / f"eval_{name}{f'_tta{cfg.tta}' if cfg.tta else ''}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        out = Path(cfg.out) if cfg.out else file.parent / f"eval_{name}{f'_tta{tta}' if tta else ''}.json"
+        atomic_write_text(out, json.dumps(report, indent=2))
         plot_confusion(matrix, classes, out.with_suffix(".png"))
         accelerator.print(format_report(report))
         accelerator.print(f"wrote {out} and {out.with_suffix('.png')}")
@@ -92,25 +112,25 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
             ax.text(j, i, matrix[i, j], ha="center", va="center", fontsize=7,
                     color="white" if matrix[i, j] > matrix.max() / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
 def run_predict(cfg: PredictConfig) -> Path:
     """Write ``ID,Labels`` rows, one per id in input order, with integer class labels."""
-    model, meta, file = load_checkpoint(cfg.checkpoint)
-    data = load_custom_pickle(cfg.data, need_ids=True)
-    accelerator, model, loader = _prepare(model, data.images, None, cfg.batch_size)
-    logits, _ = predict(model, loader, accelerator, meta["mean"], meta["std"], tta=cfg.tta, channels_last=True,
-                        progress=True)
     out = Path(cfg.out)
+    check_output_folder(out)
+    data = load_custom_pickle(cfg.data, need_ids=True)
+    model, meta, file = load_checkpoint(cfg.checkpoint)
+    accelerator, model, loader = _prepare(model, data.images, None, cfg.batch_size)
+    tta = tta_level(cfg.tta, meta, accelerator)
+    logits, _ = predict(model, loader, accelerator, meta["mean"], meta["std"], tta=tta, channels_last=True,
+                        progress=True)
     if accelerator.is_main_process:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(out) as tmp, tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["ID", "Labels"])
             writer.writerows(zip(data.ids.tolist(), logits.argmax(1).tolist()))
-        os.replace(tmp, out)
         accelerator.print(f"wrote {len(data.ids)} predictions from {file} to {out}")
     return out

@@ -64,8 +64,8 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self.images) // (self.batch_size * self.world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
@@ -73,6 +73,9 @@ class DeviceLoader:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank + 1))
         global_batch = self.batch_size * self.world_size
         for i in range(len(self)):
+            if i < getattr(self, "skip", 0):  # TEMP until the loader branch lands
+                self.augment(self.images[perm[:self.batch_size]], self.generator)
+                continue
             start = i * global_batch + self.rank * self.batch_size
             idx = perm[start:start + self.batch_size]
             x = self.augment(self.images[idx], self.generator)
@@ -168,7 +171,7 @@ class WorkerLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.loader.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .atomic import atomic_path
+from .config import ConfigError
+
 METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"
 
@@ -32,14 +35,21 @@ def resolve_wandb_mode(requested: str) -> str:
     """Map --wandb auto|online|offline|off to the mode wandb.init gets ('off' means no tracker).
 
     ``auto`` respects a WANDB_MODE already set by the user, else online iff logged in. Resolving it
-    here matters: wandb with no key and no mode raises "No API key configured" instead of running.
+    here matters: wandb with no key and no mode raises "No API key configured" instead of running,
+    so online without credentials is refused up front, in one line.
     """
-    if requested != "auto":
-        return requested
-    env = os.environ.get("WANDB_MODE", "").lower()
-    if env in ("online", "offline", "disabled"):
-        return "off" if env == "disabled" else env
-    return "online" if wandb_logged_in() else "offline"
+    mode = requested
+    if requested == "auto":
+        env = os.environ.get("WANDB_MODE", "").lower()
+        if env in ("online", "offline", "disabled"):
+            mode = "off" if env == "disabled" else env
+        else:
+            mode = "online" if wandb_logged_in() else "offline"
+    if mode == "online" and not wandb_logged_in():
+        source = "--wandb online" if requested == "online" else "WANDB_MODE=online"
+        raise ConfigError(f"{source}: no W&B credentials found (WANDB_API_KEY or `wandb login`); "
+                          "log in, or use --wandb offline and `wandb sync` later")
+    return mode
 
 
 def wandb_init_kwargs(mode: str, run_dir: Path, name: str, tags: list[str]) -> dict[str, Any]:
@@ -67,12 +77,10 @@ class MetricsLog:
         self._write(rows, list(rows[0]) if rows else [])
 
     def _write(self, rows: list[dict], fields: list[str]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
 
     def append(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -105,10 +113,9 @@ class MetricsLog:
             if key != "lr":
                 ax.legend()
         fig.tight_layout()
-        tmp = self.png.with_name("tmp_" + self.png.name)
-        fig.savefig(tmp, dpi=80)
+        with atomic_path(self.png) as tmp:
+            fig.savefig(tmp, dpi=80)
         plt.close(fig)
-        os.replace(tmp, self.png)
 
 
 def _fmt(v: Any) -> Any:

@@ -1,6 +1,8 @@
 """``train(cfg)``: data, model, optimizer, loop, checkpoints and tracking wired through one Accelerator."""
 from __future__ import annotations
 
+import difflib
+import shutil
 import time
 from pathlib import Path
 
@@ -18,8 +20,9 @@ from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .distributed import create_accelerator, scaled_lr
 from .data import CLASSES, MEAN, STD, cifar10_splits
 from .engine import evaluate, train_one_epoch
+from .interrupt import StopRequest, Stopped
 from .loader import DeviceLoader, eval_loader, per_image_transform, worker_loader
-from .models import count_parameters, create_model
+from .models import count_parameters, create_model, list_models
 from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, create_optimizer, create_scheduler
 from .tracking import MetricsLog, resolve_wandb_mode, wandb_init_kwargs
 
@@ -47,6 +50,13 @@ def check_config(cfg: TrainConfig) -> None:
     need(not (cfg.mixup or cfg.cutmix) or cfg.batch_size % 2 == 0, "batch_size", "must be even with Mixup/CutMix")
     need(0 <= cfg.random_erasing <= 1, "random_erasing", "is a probability in [0, 1]")
     need(cfg.workers >= 0, "workers", "must not be negative")
+    need(cfg.momentum >= 0, "momentum", "must not be negative")
+    need(cfg.weight_decay is None or cfg.weight_decay >= 0, "weight_decay", "must not be negative")
+    need(0 <= cfg.warmup_lr_ratio <= 1, "warmup_lr_ratio", "must be in [0, 1]")
+    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+    need(not (cfg.resume and cfg.overwrite), "overwrite", "cannot be combined with --resume")
+    need(not (cfg.resume and cfg.run_dir and Path(cfg.run_dir) != Path(cfg.resume)), "run_dir",
+         f"differs from --resume {cfg.resume}; a resumed run stays in its own folder")
     for name in ("auto_augment", "random_erasing"):
         need(cfg.loader == "workers" or not getattr(cfg, name), name, "is per-image: add --loader workers")
 
@@ -67,17 +77,59 @@ def model_kwargs(cfg: TrainConfig) -> dict:
     return kw
 
 
-def make_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
-    """The run folder; the generated name is made on the main process and shared, so ranks agree."""
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The configured net; an unknown name or a bad --model-kwargs entry is a one-line ConfigError."""
+    if cfg.model not in list_models():
+        near = difflib.get_close_matches(cfg.model, list_models(), n=1)
+        hint = f"did you mean {near[0]}?" if near else f"known models: {', '.join(list_models())}"
+        raise ConfigError(f"--model: unknown model {cfg.model!r}; {hint}")
+    try:
+        return create_model(cfg.model, **model_kwargs(cfg))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"--model-kwargs: {cfg.model} cannot be built with {model_kwargs(cfg)} ({e})") from None
+
+
+def prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
+    """The run folder, created (or emptied with --overwrite) on the main process and shared with every rank.
+
+    A new run never lands in a folder that holds another: it would append to its metrics.csv and could
+    replace a better best.safetensors. Generated names get a suffix until unique, even within one second.
+    """
     if cfg.resume:
+        ckpt.state_dir_for_resume(cfg.resume)  # fails early, naming the folder, when there is nothing to resume
         return Path(cfg.resume)
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--run-dir {run_dir}: is a file, not a folder")
+        held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+        if held and not cfg.overwrite:
+            raise ConfigError(f"--run-dir {run_dir}: already holds a run ({', '.join(held[:4])}); pass "
+                              f"--resume {run_dir} to continue it, --overwrite to start it afresh, or another --run-dir")
     name = [cfg.run_dir or ""]
-    if not cfg.run_dir and accelerator.is_main_process:
-        act = cfg.activation or cfg.model_kwargs.get("activation", "default")
-        name[0] = f"runs/{cfg.model}-{act}-{cfg.opt}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if accelerator.is_main_process:
+        if cfg.run_dir:
+            if cfg.overwrite and run_dir.is_dir():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            name[0] = str(_unique_run_dir(cfg))
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
     return Path(name[0])
+
+
+def _unique_run_dir(cfg: TrainConfig) -> Path:
+    act = cfg.activation or cfg.model_kwargs.get("activation", "default")
+    base = f"runs/{cfg.model}-{act}-{cfg.opt}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        path = Path(base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir(parents=True)  # atomic: two runs started in the same second cannot both get it
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not find a free run folder name under {base}; pass --run-dir")
 
 
 def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
@@ -92,27 +144,53 @@ def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
                          cfg.seed, cfg.channels_last)
 
 
+def agreed(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when it is true on any (signals reach ranks at slightly different moments)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
+
+
+def resume_position(trainer: dict, steps_per_epoch: int, global_batch: int) -> tuple[int, int]:
+    """(epoch, step in that epoch) to continue from, at the current global batch size.
+
+    The schedule is a function of training progress (epochs and the fraction of one done), so a run
+    resumed with another process count gets the lr the uninterrupted run would have had there. Part of
+    an epoch done at another global batch maps to the last whole batch at the new size (at most one
+    global batch of images is seen twice).
+    """
+    epoch, step = trainer["epoch"], trainer.get("step_in_epoch", 0)
+    if step and trainer.get("global_batch", global_batch) != global_batch:
+        step = step * trainer["global_batch"] // global_batch
+    return epoch, min(step, steps_per_epoch)
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Train per ``cfg``; returns the final epoch's metrics, ``best_val_acc``, ``run_dir`` and the trained ``model``."""
+    """Train per ``cfg``; returns the final epoch's metrics, ``best_val_acc``, ``run_dir`` and the trained ``model``.
+
+    Raises ``Stopped`` after saving a resumable state when SIGTERM/SIGINT arrives, and without saving
+    anything when the loss stops being finite.
+    """
     started = time.perf_counter()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     check_config(cfg)
     wandb_mode = resolve_wandb_mode(cfg.wandb)
     accelerator = create_accelerator(log_with="wandb" if wandb_mode != "off" else None)
     if cfg.sync_bn and accelerator.device.type == "cpu":
         raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; drop it for CPU runs")
     set_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
-    run_dir = make_run_dir(cfg, accelerator)
+
+    # Everything that can fail on the user's input (data, model, batch size) fails before any file is written.
+    model = build_model(cfg)
+    train_set, val_set = cifar10_splits(cfg.data_dir, cfg.val_split, cfg.seed, cfg.download, cfg.train_subset)
+    n_params = count_parameters(model)
+    train_loader = make_train_loader(cfg, accelerator, train_set)
+    run_dir = prepare_run_dir(cfg, accelerator)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    train_set, val_set = cifar10_splits(cfg.data_dir, cfg.val_split, cfg.seed, cfg.download, cfg.train_subset)
-    kwargs = model_kwargs(cfg)
-    model = create_model(cfg.model, **kwargs)
-    n_params = count_parameters(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-
     base_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
     lr = scaled_lr(base_lr, cfg.lr_scale, accelerator.num_processes)
     weight_decay = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WEIGHT_DECAY[cfg.opt]
@@ -127,9 +205,9 @@ def train(cfg: TrainConfig) -> dict:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    train_loader = make_train_loader(cfg, accelerator, train_set)
     val_loader = accelerator.prepare(eval_loader(val_set.images, val_set.labels, 500)) if len(val_set.labels) else None
     steps_per_epoch = len(train_loader)
+    global_batch = cfg.batch_size * accelerator.num_processes
     scheduler = create_scheduler(optimizer, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                                  cfg.warmup_lr_ratio, cfg.min_lr_ratio)
     mixup = None
@@ -138,17 +216,18 @@ def train(cfg: TrainConfig) -> dict:
                       label_smoothing=cfg.label_smoothing, num_classes=len(CLASSES))
     loss_fn = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    meta = {"model": cfg.model, "model_kwargs": kwargs, "classes": list(CLASSES), "mean": list(MEAN),
-            "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed}
+    meta = {"model": cfg.model, "model_kwargs": model_kwargs(cfg), "classes": list(CLASSES), "mean": list(MEAN),
+            "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed, "tta": cfg.tta}
     metrics = MetricsLog(run_dir, enabled=accelerator.is_main_process)
-    start_epoch, global_step, best_acc = 0, 0, -1.0
+    trainer = {"epoch": 0, "step_in_epoch": 0, "best_val_acc": -1.0, "best_epoch": None, "train_time_s": 0.0,
+               "started_at": started_at}
     if cfg.resume:
-        trainer = ckpt.load_state(accelerator, run_dir)
-        start_epoch, global_step, best_acc = trainer["epoch"], trainer["global_step"], trainer["best_val_acc"]
-        scheduler.step_update(global_step)  # timm schedulers do not save their position
-        metrics.truncate_after(start_epoch)
-        if start_epoch >= cfg.epochs:
-            accelerator.print(f"{run_dir} already finished {start_epoch} epochs; pass --epochs N to train longer")
+        trainer.update(ckpt.load_state(accelerator, run_dir))
+        metrics.truncate_after(trainer["epoch"])
+        if trainer["epoch"] >= cfg.epochs:
+            accelerator.print(f"{run_dir} already finished {trainer['epoch']} epochs; pass --epochs N to train longer")
+    start_epoch, skip = resume_position(trainer, steps_per_epoch, global_batch)
+    carry = trainer.get("partial") if skip else None
 
     if wandb_mode != "off":
         accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
@@ -158,46 +237,93 @@ def train(cfg: TrainConfig) -> dict:
             accelerator.print(f"W&B offline; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
     n_proc = accelerator.num_processes
     accelerator.print(
-        f"global batch {cfg.batch_size * n_proc} ({n_proc} process{'es' if n_proc > 1 else ''} x {cfg.batch_size}), "
+        f"global batch {global_batch} ({n_proc} process{'es' if n_proc > 1 else ''} x {cfg.batch_size}), "
         f"lr {lr:g}{f' ({cfg.lr_scale}-scaled from {base_lr:g})' if lr != base_lr else ''} | {cfg.model} "
         f"({n_params:,} parameters) on {accelerator.device.type}, precision {accelerator.mixed_precision} | "
         f"{len(train_set.labels):,} train / {len(val_set.labels):,} val images, {steps_per_epoch} steps/epoch | "
         f"run {run_dir}"
+        + (f" | resumed at epoch {start_epoch + 1}, step {skip}" if cfg.resume else "")
     )
 
-    row: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, global_step,
-                                epoch + 1, mixup=mixup, ema=ema, clip_grad=cfg.clip_grad, progress=cfg.progress)
-        global_step = stats.pop("global_step")
-        row = {"epoch": epoch + 1, "step": global_step, **stats}
-        eval_model = ema.module if ema is not None else model
-        last = epoch + 1 == cfg.epochs
-        if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
-            # TTA multiplies eval cost, so only the final validation pays for it.
-            val = evaluate(eval_model, val_loader, accelerator, MEAN, STD, tta=cfg.tta if last else 0,
-                           channels_last=cfg.channels_last)
-            row.update(val_loss=val["loss"], val_acc=val["acc"])
-        improved = "val_acc" in row and row["val_acc"] > best_acc
-        best_acc = max(best_acc, row.get("val_acc", -1.0))
-        row["best_val_acc"] = best_acc if best_acc >= 0 else None
-        row["elapsed"] = time.perf_counter() - started  # seconds since start-up, evaluations included
-        accelerator.log({k: v for k, v in row.items() if v is not None}, step=global_step)
+    def save_trainer(**update) -> None:
+        trainer.update(update, global_batch=global_batch)
+        ckpt.save_state(accelerator, run_dir, trainer)
+
+    def write_summary(finished: bool) -> None:
         if accelerator.is_main_process:
-            metrics.append(row)
-            weights = accelerator.unwrap_model(eval_model, keep_torch_compile=False)
-            epoch_meta = {**meta, "epoch": epoch + 1, "val_acc": row.get("val_acc")}
-            ckpt.save_weights(run_dir / "last.safetensors", weights, epoch_meta)
-            if improved or val_loader is None:
-                ckpt.save_weights(run_dir / "best.safetensors", weights, epoch_meta)
-        ckpt.save_state(accelerator, run_dir, {"epoch": epoch + 1, "global_step": global_step, "best_val_acc": best_acc})
-        accelerator.print(_summary(row, cfg.epochs))
-        if cfg.compile and epoch == start_epoch:
-            accelerator.print(f"torch.compile: the first step took {row['first_step_time']:.1f}s (one-off compile cost)")
-    accelerator.end_training()
-    return {**row, "best_val_acc": best_acc, "run_dir": str(run_dir),
+            rows = metrics.rows()
+            speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
+            best = trainer["best_val_acc"]
+            ckpt.write_summary(run_dir, {
+                "finished": finished, "epochs_done": trainer["epoch"], "epochs": cfg.epochs, "params": n_params,
+                "best_val_acc": best if best >= 0 else None, "best_epoch": trainer["best_epoch"],
+                "train_time_s": trainer["train_time_s"],
+                "images_per_sec": sum(speeds) / len(speeds) if speeds else None,
+                "started_at": trainer["started_at"]})
+
+    row: dict = {}
+    with StopRequest() as stop:
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                train_loader.set_epoch(epoch, skip)
+                partial = carry if accelerator.is_main_process else {"elapsed": (carry or {}).get("elapsed", 0.0)}
+                stats = train_one_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn,
+                                        epoch * steps_per_epoch + skip, epoch + 1, mixup=mixup, ema=ema,
+                                        clip_grad=cfg.clip_grad, progress=cfg.progress, start_step=skip,
+                                        carry=partial, stop=lambda: stop.signum is not None)
+                skip, carry = 0, None
+                if stats["nonfinite"]:
+                    raise Stopped(
+                        f"error: the training loss became non-finite (nan/inf) at epoch {epoch + 1}, step "
+                        f"{stats['step_in_epoch']}/{steps_per_epoch}; nothing was saved after epoch {trainer['epoch']} "
+                        f"(the last good state and weights are kept in {run_dir}). Try a lower --lr or --clip-grad 1.0", 3)
+                if stats["stopped"]:
+                    save_trainer(epoch=epoch, step_in_epoch=stats["step_in_epoch"], partial=stats["train_sums"])
+                    raise _stopped(stop, run_dir, f"epoch {epoch + 1}, step {stats['step_in_epoch']}/{steps_per_epoch}")
+                global_step = stats["global_step"]
+                row = {"epoch": epoch + 1, "step": global_step,
+                       **{k: v for k, v in stats.items() if k not in ("global_step", "step_in_epoch", "stopped",
+                                                                      "nonfinite", "train_sums")}}
+                eval_model = ema.module if ema is not None else model
+                last = epoch + 1 == cfg.epochs
+                if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
+                    # TTA multiplies eval cost, so only the final validation pays for it.
+                    val = evaluate(eval_model, val_loader, accelerator, MEAN, STD, tta=cfg.tta if last else 0,
+                                   channels_last=cfg.channels_last)
+                    row.update(val_loss=val["loss"], val_acc=val["acc"])
+                improved = "val_acc" in row and row["val_acc"] > trainer["best_val_acc"]
+                if improved:
+                    trainer.update(best_val_acc=row["val_acc"], best_epoch=epoch + 1)
+                best_acc = trainer["best_val_acc"]
+                row["best_val_acc"] = best_acc if best_acc >= 0 else None
+                row["elapsed"] = time.perf_counter() - started  # seconds since start-up, evaluations included
+                accelerator.log({k: v for k, v in row.items() if v is not None}, step=global_step)
+                if accelerator.is_main_process:
+                    metrics.append(row)
+                    weights = accelerator.unwrap_model(eval_model, keep_torch_compile=False)
+                    epoch_meta = {**meta, "epoch": epoch + 1, "val_acc": row.get("val_acc")}
+                    ckpt.save_weights(run_dir / "last.safetensors", weights, epoch_meta)
+                    if improved or val_loader is None:
+                        ckpt.save_weights(run_dir / "best.safetensors", weights, epoch_meta)
+                save_trainer(epoch=epoch + 1, step_in_epoch=0, partial=None,
+                             train_time_s=trainer["train_time_s"] + stats["epoch_time"])
+                write_summary(finished=last)
+                accelerator.print(_summary(row, cfg.epochs))
+                if cfg.compile and epoch == start_epoch:
+                    accelerator.print(f"torch.compile: the first step took {row['first_step_time']:.1f}s "
+                                      "(one-off compile cost)")
+                if not last and agreed(accelerator, stop.signum is not None):
+                    raise _stopped(stop, run_dir, f"the end of epoch {epoch + 1}")
+        finally:
+            accelerator.end_training()
+    return {**row, "best_val_acc": trainer["best_val_acc"], "run_dir": str(run_dir),
             "model": accelerator.unwrap_model(model, keep_torch_compile=False)}
+
+
+def _stopped(stop: StopRequest, run_dir: Path, where: str) -> Stopped:
+    name = stop.name or "a signal"
+    return Stopped(f"stopped by {name} at {where}; state saved. Continue with: "
+                   f"accelerate launch train.py --resume {run_dir}", 128 + (stop.signum or 15))
 
 
 def _summary(row: dict, epochs: int) -> str:

@@ -1,0 +1,45 @@
+"""Stop a run cleanly on SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save, say how to resume."""
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+
+class Stopped(Exception):
+    """A run that stopped on purpose (a signal, a non-finite loss): the message for the user, then ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGINT only set ``signum``; the loop checks it between steps.
+
+    A second SIGINT while a stop is pending raises KeyboardInterrupt at once, for a user who will not wait
+    for the step to finish (state then stays at the last save).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopRequest":
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""

@@ -1,0 +1,197 @@
+"""Nothing lost, no promise broken: schedule across process counts, signals, non-finite loss, run folders."""
+import csv
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_RUN, run_cli
+from resnet import checkpoint, training
+from resnet.config import TrainConfig, parse_config
+from resnet.interrupt import Stopped
+
+pytestmark = pytest.mark.slow
+
+
+def lrs(run_dir: Path) -> list[float]:
+    return [float(r["lr"]) for r in csv.DictReader((run_dir / "metrics.csv").open())]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("first, second", [("cpu_ddp.yaml", "cpu.yaml"), ("cpu.yaml", "cpu_ddp.yaml")],
+                         ids=["2->1", "1->2"])
+def test_resume_with_another_process_count_keeps_the_schedule(cifar_dir, tmp_path, first, second):
+    flags = [*TINY_RUN, "--data-dir", str(cifar_dir), "--wandb", "off", "--min-lr-ratio", "0.05"]
+    run_cli("train.py", *flags, "--epochs", "2", "--run-dir", str(tmp_path / "resumed"), config=first)
+    proc = run_cli("train.py", "--resume", str(tmp_path / "resumed"), "--epochs", "4", config=second)
+    assert "resumed at epoch 3, step 0" in proc.stdout
+    run_cli("train.py", *flags, "--epochs", "4", "--run-dir", str(tmp_path / "straight"), config=second)
+    resumed, straight = lrs(tmp_path / "resumed"), lrs(tmp_path / "straight")
+    assert len(resumed) == len(straight) == 4
+    # Epochs 3 and 4 ran under the 4-epoch schedule: the same lr as an uninterrupted run at the same progress.
+    assert resumed[2:] == pytest.approx(straight[2:], abs=1e-6)
+    assert straight[2] > straight[3] > 0  # cosine half-way down, then the floor (min-lr-ratio 0.05 x 0.1)
+    assert straight[3] == pytest.approx(0.1 * 0.05, abs=1e-6)
+
+
+# A net and batch that make an epoch last seconds, so a signal lands mid-epoch.
+SLOW_EPOCH = ["--model", "resnet18_narrow_3m", "--batch-size", "2", "--val-split", "100", "--train-subset", "200",
+              "--no-download", "--wandb", "off", "--epochs", "2", "--ema-decay", "0.9"]
+
+
+def start_and_signal(cmd: list[str], signum: int, when: re.Pattern, timeout: float = 240) -> tuple[int, str, str]:
+    """Run ``cmd`` in its own process group and send ``signum`` to the group once stderr matches ``when``,
+    as Ctrl-C or a scheduler's preemption does. Returns (exit code, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    err: list[str] = []
+    sent = threading.Event()
+
+    def read_stderr() -> None:
+        while chunk := proc.stderr.read(1):
+            err.append(chunk)
+            if not sent.is_set() and when.search("".join(err[-400:])):
+                os.killpg(proc.pid, signum)
+                sent.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    out = proc.stdout.read()
+    proc.wait(timeout=timeout)
+    reader.join(timeout=10)
+    assert sent.is_set(), "the run finished before the signal could be sent:\n" + "".join(err)[-2000:]
+    return proc.returncode, out, "".join(err)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    run_cli("train.py", *SLOW_EPOCH, "--no-progress", "--data-dir", str(cifar_dir), "--run-dir", str(run_dir))
+    return run_dir
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_epoch_saves_state_and_resume_matches_the_uninterrupted_run(cifar_dir, tmp_path, uninterrupted,
+                                                                                 signum):
+    run_dir = tmp_path / "run"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"), "train.py",
+           *SLOW_EPOCH, "--progress", "--data-dir", str(cifar_dir), "--run-dir", str(run_dir)]
+    # The progress bar of epoch 2 past its first steps: the signal lands mid-epoch.
+    code, out, err = start_and_signal(cmd, signum, re.compile(r"epoch 2: +[1-4]\d%"))
+    assert code != 0
+    line = f"stopped by {signal.Signals(signum).name} at epoch 2, step "
+    assert line in err and f"accelerate launch train.py --resume {run_dir}" in err
+    assert "Traceback" not in err.split(line)[0]  # our line comes first; accelerate's own report may follow
+    trainer = json.loads((run_dir / "state/trainer.json").read_text())
+    assert trainer["epoch"] == 1 and 0 < trainer["step_in_epoch"] < 100
+    assert trainer["step_in_epoch"] == int(re.search(r"at epoch 2, step (\d+)/100", err).group(1))
+
+    proc = run_cli("train.py", "--resume", str(run_dir), "--no-progress")
+    assert f"resumed at epoch 2, step {trainer['step_in_epoch']}" in proc.stdout
+    a, b = load_file(str(uninterrupted / "last.safetensors")), load_file(str(run_dir / "last.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    straight = list(csv.DictReader((uninterrupted / "metrics.csv").open()))
+    resumed = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [r["epoch"] for r in resumed] == ["1", "2"]
+    # The stopped epoch's train loss covers all of its steps, before and after the stop.
+    assert float(resumed[1]["train_loss"]) == pytest.approx(float(straight[1]["train_loss"]), rel=1e-5)
+    assert float(resumed[1]["val_acc"]) == float(straight[1]["val_acc"])
+
+
+def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_state(cifar_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    flags = [*TINY_RUN, "--data-dir", str(cifar_dir), "--wandb", "off"]
+    run_cli("train.py", *flags, "--epochs", "1", "--run-dir", str(run_dir), config=None)
+    before = {p.name: digest(p) for p in [run_dir / "last.safetensors", run_dir / "state/trainer.json",
+                                          run_dir / "metrics.csv"]}
+    proc = run_cli("train.py", "--resume", str(run_dir), "--epochs", "3", "--lr", "1e30", "--warmup-epochs", "0",
+                   config=None, check=False)
+    assert proc.returncode == 3
+    assert re.search(r"error: the training loss became non-finite \(nan/inf\) at epoch 2, step \d+/9; "
+                     r"nothing was saved after epoch 1", proc.stderr)
+    assert "Traceback" not in proc.stderr
+    after = {p.name: digest(p) for p in [run_dir / "last.safetensors", run_dir / "state/trainer.json",
+                                         run_dir / "metrics.csv"]}
+    assert after == before
+
+
+def _train(args: list[str]) -> dict:
+    return training.train(parse_config(TrainConfig, args))
+
+
+def test_a_run_folder_holding_a_run_is_refused_unless_resume_or_overwrite(cifar_dir, tmp_path):
+    args = [*TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "1", "--wandb", "off", "--run-dir", str(tmp_path)]
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run_cli("train.py", *args, config=None, check=False)
+    assert proc.returncode == 2
+    assert f"error: --run-dir {tmp_path}: already holds a run (notes.txt); pass --resume" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written
+    _train([*args, "--overwrite"])
+    assert not (tmp_path / "notes.txt").exists() and (tmp_path / "best.safetensors").is_file()
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finished"] and summary["epochs_done"] == 1 and summary["params"] == 19_954
+
+
+def test_generated_run_names_are_unique_within_one_second(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000" if "%H%M%S" in fmt else "t")
+    args = [*TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "1", "--wandb", "off"]
+    dirs = [_train(args)["run_dir"] for _ in range(2)]
+    assert dirs == ["runs/resnet_tiny_20k-default-sgd-20260101-000000",
+                    "runs/resnet_tiny_20k-default-sgd-20260101-000000-2"]
+    for d in dirs:
+        assert [r["epoch"] for r in csv.DictReader((tmp_path / d / "metrics.csv").open())] == ["1"]
+
+
+def test_the_newest_run_is_the_one_trained_last_not_the_last_touched(tmp_path):
+    from resnet.models import create_model
+
+    model = create_model("resnet_tiny_20k")
+    for name, when in (("old", "2026-01-01T00:00:00Z"), ("new", "2026-02-01T00:00:00Z")):
+        (tmp_path / name).mkdir()
+        checkpoint.save_weights(tmp_path / name / "best.safetensors", model, {"model": "resnet_tiny_20k"})
+        meta = checkpoint.read_meta(tmp_path / name / "best.safetensors")
+        assert meta["trained_at"]  # stamped by save_weights
+        # Re-stamp with a known training time, as if trained at ``when``.
+        from safetensors.torch import save_file
+        state = load_file(str(tmp_path / name / "best.safetensors"))
+        save_file(state, str(tmp_path / name / "best.safetensors"),
+                  metadata={"resnet": json.dumps({**meta, "trained_at": when})})
+    (tmp_path / "old" / "eval_test.json").write_text("{}")  # evaluating the old run touches it last
+    os.utime(tmp_path / "old", (time.time() + 100, time.time() + 100))
+    assert checkpoint.newest_run(tmp_path) == tmp_path / "new"
+
+
+def test_stopped_is_raised_in_process_with_the_resume_command(cifar_dir, tmp_path, monkeypatch):
+    """The in-process API: a stop request after the first step of epoch 1 saves state and raises Stopped."""
+    real = training.train_one_epoch
+
+    def stop_after_first_step(*a, **k):
+        k["stop"] = lambda: True
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_one_epoch", stop_after_first_step)
+    with pytest.raises(Stopped) as info:
+        _train([*TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "2", "--wandb", "off", "--run-dir",
+                str(tmp_path / "r")])
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert f"--resume {tmp_path / 'r'}" in str(info.value)
+    trainer = json.loads((tmp_path / "r/state/trainer.json").read_text())
+    assert (trainer["epoch"], trainer["step_in_epoch"], trainer["partial"]["seen"]) == (0, 1, 32)
