@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .identity import activation_of, experiment_settings, run_group, run_name
+from .identity import NON_EXPERIMENT_FIELDS, activation_of, canonical, run_group, run_name
 
 # The highest TTA level present wins: it is the score a report would quote.
 TEST_FILES = ("eval_test_tta2.json", "eval_test_tta1.json", "eval_test.json")
@@ -142,20 +142,21 @@ def load_run(run_dir: Path) -> RunRecord:
 
 
 def flat_settings(config: dict) -> dict[str, Any]:
-    """The experiment settings with model_kwargs spread out and the effective activation filled in."""
-    settings = experiment_settings(config)
+    """The settings that define the experiment, as written in config.yaml, with model_kwargs spread out
+    and the effective activation filled in."""
+    settings = {str(k).replace("-", "_"): v for k, v in config.items()}
+    settings = {k: v for k, v in settings.items() if k not in NON_EXPERIMENT_FIELDS}
     kwargs = settings.pop("model_kwargs", None) or {}
-    out = {k: v for k, v in settings.items()}
-    out.update({f"model_kwargs.{k}": v for k, v in kwargs.items() if k != "activation"})
-    out["activation"] = activation_of(config)
-    return out
+    settings.update({f"model_kwargs.{k}": v for k, v in kwargs.items() if k != "activation"})
+    settings["activation"] = activation_of(config)
+    return settings
 
 
 def distinguishing_keys(groups: dict[str, list[RunRecord]]) -> list[str]:
     """Settings whose value is not the same in every group: what a reader needs to tell groups apart."""
     settings = [flat_settings(runs[0].config) for runs in groups.values()]
     keys = list(dict.fromkeys(k for s in settings for k in s))
-    return [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+    return [k for k in keys if len({json.dumps(canonical(s.get(k)), sort_keys=True) for s in settings}) > 1]
 
 
 def show(value: Any) -> str:
@@ -342,7 +343,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     n_runs = sum(r["n"] for r in rows)
     how = "thick line = mean over seeds, thin lines = single seeds" if n_runs > len(rows) else "one run per group"
-    fig.suptitle(f"{n_runs} runs in {len(rows)} groups: {how}")
+    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+    fig.suptitle(f"{plural(n_runs, 'run')} in {plural(len(rows), 'group')}: {how}")
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)

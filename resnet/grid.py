@@ -257,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.sets:
             raise GridError("give at least one --set KEY=V1,V2")
+        if args.config_file and not Path(args.config_file).is_file():
+            raise GridError(f"--config-file {args.config_file}: file not found")
+        if Path(args.experiment_dir).exists() and not Path(args.experiment_dir).is_dir():
+            raise GridError(f"{args.experiment_dir}: exists and is not a folder")
         runs = plan_grid(args.experiment_dir, args.sets, parse_seeds(args.seeds), extra)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ NON_EXPERIMENT_FIELDS = frozenset({
 })
 
 
-def _canonical(value: Any) -> Any:
+def canonical(value: Any) -> Any:
     """JSON-able form in which equal settings compare equal (1 == 1.0)."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
@@ -29,15 +29,15 @@ def _canonical(value: Any) -> Any:
         # A recipe may say `lr: 1` where the saved config says `lr: 1.0`: the same experiment.
         return float(value)
     if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
+        return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     return str(value)
 
 
 def experiment_settings(config: dict) -> dict:
     """The config without the fields that do not change the experiment (see NON_EXPERIMENT_FIELDS)."""
-    settings = {str(k).replace("-", "_"): _canonical(v) for k, v in config.items()}  # recipe keys may be dashed
+    settings = {str(k).replace("-", "_"): canonical(v) for k, v in config.items()}  # recipe keys may be dashed
     return {k: v for k, v in settings.items() if k not in NON_EXPERIMENT_FIELDS}
 
 

@@ -30,12 +30,13 @@ def dry_run(capsys, *args: str) -> list[list[str]]:
 
 def test_dry_run_lists_every_combination_x_seed_as_train_py_commands(tmp_path, capsys):
     exp = tmp_path / "exp dir"  # a space: commands must be shell-quoted
-    cmds = dry_run(capsys, str(exp), *REPORT_GRID, "--config-file", "accelerate_configs/cpu.yaml", "--",
+    config_file = str(ROOT / "accelerate_configs" / "cpu.yaml")
+    cmds = dry_run(capsys, str(exp), *REPORT_GRID, "--config-file", config_file, "--",
                    "--epochs", "2", "--no-compile")
     assert len(cmds) == 12
     seen = set()
     for cmd in cmds:
-        assert Path(cmd[0]).name == "accelerate" and cmd[1:4] == ["launch", "--config_file", "accelerate_configs/cpu.yaml"]
+        assert Path(cmd[0]).name == "accelerate" and cmd[1:4] == ["launch", "--config_file", config_file]
         assert grid.TRAIN_SCRIPT == ROOT / "train.py" and str(grid.TRAIN_SCRIPT) in cmd
         cfg = parse_config(TrainConfig, train_part(cmd))  # exactly what train.py will parse
         assert (cfg.epochs, cfg.compile) == (2, False)
@@ -80,6 +81,7 @@ def test_switches_dicts_and_dashed_keys(tmp_path, capsys):
     (["--set", "lr=0.1", "--", "--lr", "0.3"], ["--lr is also in --set"]),
     (["--set", "lr=0.1", "--", "--epocs", "3"], ["train.py would reject", "--epocs"]),
     ([], ["at least one --set"]),
+    (["--set", "lr=0.1", "--config-file", "no/such.yaml"], ["--config-file no/such.yaml: file not found"]),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, args, expected):
     assert grid.main([str(tmp_path / "exp"), "--dry-run", *args]) == 2
