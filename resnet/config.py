@@ -96,8 +96,10 @@ class TrainConfig:
     # --- tracking
     wandb: str = knob("auto", "W&B logging: auto = online when logged in, else offline", choices=["auto", "online", "offline", "off"])
     wandb_project: str = knob("cifar10-resnet", "W&B project")
-    wandb_name: str | None = knob(None, "W&B run name (default: the run folder's name)")
-    wandb_tags: list = knob([], "W&B tags, comma-separated")
+    wandb_name: str | None = knob(None, "W&B run name (default: model-activation-opt-seed)")
+    wandb_group: str | None = knob(None, "W&B group (default: a hash of the config without the seed, so seeds "
+                                         "of one setup group together)")
+    wandb_tags: list = knob([], "W&B tags, comma-separated, added to the model, activation and optimizer")
 
 
 @dataclass
@@ -111,6 +113,8 @@ class EvalConfig:
     batch_size: int = knob(500, "images per forward pass")
     tta: int | None = knob(None, TTA_HELP + " (default: the level the run validated with)", choices=[0, 1, 2])
     out: str | None = knob(None, "JSON report path (default: <run>/eval_<split>.json)")
+    wandb: str = knob("auto", "log the scores into the training run's W&B run (when it had one): auto = online "
+                              "when logged in, else offline", choices=["auto", "online", "offline", "off"])
 
 
 @dataclass

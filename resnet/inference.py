@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from .atomic import atomic_path, atomic_write_text
 from .checkpoint import load_checkpoint
@@ -15,6 +16,7 @@ from .data import DataError, cifar10_splits, load_cifar10, load_custom_pickle
 from .distributed import create_accelerator
 from .engine import confusion_matrix, evaluate, predict
 from .loader import eval_loader
+from .tracking import confusion_figure, print_sync_hint, resolve_wandb_mode, wandb_class_report, wandb_run_id
 
 
 def _prepare(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray | None, batch_size: int):
@@ -80,7 +82,32 @@ def run_evaluate(cfg: EvalConfig) -> dict:
         plot_confusion(matrix, classes, out.with_suffix(".png"))
         accelerator.print(format_report(report))
         accelerator.print(f"wrote {out} and {out.with_suffix('.png')}")
+        log_to_training_run(cfg.wandb, file.parent, report, matrix, classes, accelerator.print)
     return report
+
+
+def log_to_training_run(requested_mode: str, run_dir: Path, report: dict, matrix: np.ndarray, classes: list[str],
+                        printer=print) -> None:
+    """Add the scores to the W&B run that trained this checkpoint (same id), when it had one."""
+    run_id = wandb_run_id(run_dir, create=False)
+    if requested_mode == "off" or run_id is None:
+        return
+    mode = resolve_wandb_mode(requested_mode)
+    if mode == "off":
+        return
+    import wandb
+
+    project = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("wandb_project", "cifar10-resnet") \
+        if (run_dir / "config.yaml").is_file() else "cifar10-resnet"
+    name = report["data"]
+    run = wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir), mode=mode)
+    try:
+        run.log({f"{name}/{k}": v for k, v in wandb_class_report(matrix, classes, f"{name}, TTA {report['tta']}").items()})
+        run.summary.update({f"{name}/acc": report["accuracy"], f"{name}/loss": report["loss"], f"{name}/tta": report["tta"]})
+        printer(f"logged {name}/acc into W&B run {run_id}")
+        print_sync_hint(run, printer)
+    finally:
+        run.finish()
 
 
 def format_report(report: dict) -> str:
@@ -96,22 +123,9 @@ def format_report(report: dict) -> str:
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, matrix[i, j], ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    fig.tight_layout()
+    fig = confusion_figure(matrix, classes)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)

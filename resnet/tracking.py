@@ -9,11 +9,15 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .atomic import atomic_path
+import numpy as np
+import torch
+
+from .atomic import atomic_path, atomic_write_text
 from .config import ConfigError
 
 METRICS_FILE = "metrics.csv"
@@ -52,9 +56,119 @@ def resolve_wandb_mode(requested: str) -> str:
     return mode
 
 
-def wandb_init_kwargs(mode: str, run_dir: Path, name: str, tags: list[str]) -> dict[str, Any]:
-    """Arguments for ``accelerator.init_trackers(..., init_kwargs={'wandb': ...})``."""
-    return {"wandb": {"mode": mode, "dir": str(run_dir), "name": name, "tags": tags or None}}
+WANDB_ID_FILE = "wandb_run_id"
+# metrics.csv column -> namespaced W&B key (one wandb.log per epoch, x-axis "epoch").
+WANDB_KEYS = {"epoch": "epoch", "train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss",
+              "val_acc": "val/acc", "lr": "lr", "images_per_sec": "perf/images_per_sec",
+              "epoch_time": "perf/epoch_time"}
+
+
+def wandb_run_id(run_dir: Path, create: bool = True) -> str | None:
+    """The W&B run id kept in the run folder, so that --resume and evaluate.py continue the same W&B run."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    if not create:
+        return None
+    from wandb.sdk.lib.runid import generate_id
+
+    run_id = generate_id()
+    atomic_write_text(path, run_id)
+    return run_id
+
+
+def environment_info() -> dict[str, Any]:
+    """What a run's numbers depend on besides its config: library versions and the code's git commit."""
+    import accelerate
+    import timm
+    import torch
+
+    info: dict[str, Any] = {"torch": torch.__version__, "accelerate": accelerate.__version__,
+                            "timm": timm.__version__}
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                            cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout (an installed copy): no commit to record
+    return info
+
+
+def wandb_init_kwargs(mode: str, run_dir: Path, run_id: str, name: str, group: str, job_type: str,
+                      tags: list[str]) -> dict[str, Any]:
+    """Arguments for ``accelerator.init_trackers(..., init_kwargs=...)``; resume="allow" continues ``run_id``."""
+    return {"wandb": {"mode": mode, "dir": str(run_dir), "id": run_id, "resume": "allow", "name": name,
+                      "group": group, "job_type": job_type, "tags": tags or None}}
+
+
+def define_wandb_metrics(run) -> None:
+    """Every metric against the epoch; the run summary keeps the best validation accuracy."""
+    run.define_metric("epoch")
+    run.define_metric("*", step_metric="epoch")
+    run.define_metric("val/acc", summary="max")
+
+
+def wandb_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {WANDB_KEYS[k]: v for k, v in row.items() if k in WANDB_KEYS and v is not None}
+
+
+def print_sync_hint(run, printer=print) -> None:
+    """Offline runs: the exact command that uploads this run later."""
+    if run is not None and run.settings.mode == "offline":
+        printer(f"W&B offline; upload later with: wandb sync {Path(run.dir).parent}")
+
+
+def wandb_image_grid(images: torch.Tensor, mean, std, caption: str):
+    """A wandb.Image of up to 64 normalised (N, 3, H, W) images, as the model sees them."""
+    import wandb
+    from torchvision.utils import make_grid
+
+    x = images[:64].detach().float().cpu()
+    x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    grid = make_grid(x.clamp(0, 1), nrow=8, padding=2)
+    # uint8 HWC: wandb 0.31 does not rescale a float tensor in [0, 1] (it would come out black).
+    return wandb.Image(grid.mul(255).round().byte().permute(1, 2, 0).numpy(), caption=caption)
+
+
+def wandb_class_report(matrix: np.ndarray, classes: list[str], title: str) -> dict[str, Any]:
+    """The confusion matrix as an image and per-class accuracy as a table, ready for ``run.log``."""
+    import matplotlib.pyplot as plt
+    import wandb
+
+    fig = confusion_figure(matrix, classes, title)
+    image = wandb.Image(fig)
+    plt.close(fig)
+    table = wandb.Table(columns=["class", "accuracy", "images"],
+                        data=[[c, float(per_class_accuracy(matrix)[i]), int(matrix[i].sum())]
+                              for i, c in enumerate(classes)])
+    return {"confusion_matrix": image, "per_class_accuracy": table}
+
+
+def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+    """Recall of each true class (rows of the matrix)."""
+    return np.diag(matrix) / np.maximum(matrix.sum(1), 1)
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = ""):
+    """A matplotlib figure of the confusion matrix, rows true classes, columns predicted, counts written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, matrix[i, j], ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    return fig
 
 
 class MetricsLog:

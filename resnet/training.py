@@ -19,12 +19,14 @@ from .augment import AugmentConfig, BatchAugment
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .distributed import create_accelerator, scaled_lr
 from .data import CLASSES, MEAN, STD, cifar10_splits
-from .engine import evaluate, train_one_epoch
+from .engine import confusion_matrix, evaluate, train_one_epoch
 from .interrupt import StopRequest, Stopped
 from .loader import DeviceLoader, eval_loader, per_image_transform, worker_loader
 from .models import count_parameters, create_model, list_models
 from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, create_optimizer, create_scheduler
-from .tracking import MetricsLog, resolve_wandb_mode, wandb_init_kwargs
+from .identity import activation_of, run_group, run_name
+from .tracking import (MetricsLog, define_wandb_metrics, environment_info, print_sync_hint, resolve_wandb_mode,
+                       wandb_class_report, wandb_image_grid, wandb_init_kwargs, wandb_row, wandb_run_id)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -229,12 +231,11 @@ def train(cfg: TrainConfig) -> dict:
     start_epoch, skip = resume_position(trainer, steps_per_epoch, global_batch)
     carry = trainer.get("partial") if skip else None
 
-    if wandb_mode != "off":
-        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
-                                  init_kwargs=wandb_init_kwargs(wandb_mode, run_dir, cfg.wandb_name or run_dir.name,
-                                                                cfg.wandb_tags))
-        if wandb_mode == "offline":
-            accelerator.print(f"W&B offline; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
+    wandb_run = start_wandb(cfg, accelerator, wandb_mode, run_dir, n_params)
+    if wandb_run is not None and not cfg.resume:
+        train_loader.set_epoch(0)
+        wandb_run.log({"train/augmented_batch": wandb_image_grid(
+            next(iter(train_loader))[0], MEAN, STD, "augmented training batch, epoch 1 (as the model sees it)")})
     n_proc = accelerator.num_processes
     accelerator.print(
         f"global batch {global_batch} ({n_proc} process{'es' if n_proc > 1 else ''} x {cfg.batch_size}), "
@@ -259,7 +260,8 @@ def train(cfg: TrainConfig) -> dict:
                 "best_val_acc": best if best >= 0 else None, "best_epoch": trainer["best_epoch"],
                 "train_time_s": trainer["train_time_s"],
                 "images_per_sec": sum(speeds) / len(speeds) if speeds else None,
-                "started_at": trainer["started_at"]})
+                "started_at": trainer["started_at"], "group": run_group(config_to_dict(cfg)),
+                "name": run_name(config_to_dict(cfg))})
 
     row: dict = {}
     with StopRequest() as stop:
@@ -297,7 +299,7 @@ def train(cfg: TrainConfig) -> dict:
                 best_acc = trainer["best_val_acc"]
                 row["best_val_acc"] = best_acc if best_acc >= 0 else None
                 row["elapsed"] = time.perf_counter() - started  # seconds since start-up, evaluations included
-                accelerator.log({k: v for k, v in row.items() if v is not None}, step=global_step)
+                accelerator.log(wandb_row(row))
                 if accelerator.is_main_process:
                     metrics.append(row)
                     weights = accelerator.unwrap_model(eval_model, keep_torch_compile=False)
@@ -308,6 +310,13 @@ def train(cfg: TrainConfig) -> dict:
                 save_trainer(epoch=epoch + 1, step_in_epoch=0, partial=None,
                              train_time_s=trainer["train_time_s"] + stats["epoch_time"])
                 write_summary(finished=last)
+                if wandb_run is not None:
+                    wandb_run.summary.update({"best/val_acc": trainer["best_val_acc"], "best/epoch": trainer["best_epoch"],
+                                              "params": n_params, "train_time_s": trainer["train_time_s"]})
+                    if last and "val_acc" in row:
+                        matrix = confusion_matrix(val["targets"], val["preds"], len(CLASSES))
+                        report = wandb_class_report(matrix, list(CLASSES), f"validation, epoch {epoch + 1}")
+                        wandb_run.log({"epoch": epoch + 1, **{f"val/{k}": v for k, v in report.items()}})
                 accelerator.print(_summary(row, cfg.epochs))
                 if cfg.compile and epoch == start_epoch:
                     accelerator.print(f"torch.compile: the first step took {row['first_step_time']:.1f}s "
@@ -318,6 +327,28 @@ def train(cfg: TrainConfig) -> dict:
             accelerator.end_training()
     return {**row, "best_val_acc": trainer["best_val_acc"], "run_dir": str(run_dir),
             "model": accelerator.unwrap_model(model, keep_torch_compile=False)}
+
+
+def start_wandb(cfg: TrainConfig, accelerator: Accelerator, mode: str, run_dir: Path, n_params: int):
+    """Start (or, on --resume, continue) the run's W&B run through Accelerate; the wandb run on the main
+    process, None elsewhere or with --wandb off."""
+    if mode == "off":
+        return None
+    config = config_to_dict(cfg)
+    run_id = [wandb_run_id(run_dir) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(run_id)
+    tags = [cfg.model, activation_of(config), cfg.opt, *cfg.wandb_tags]
+    accelerator.init_trackers(
+        cfg.wandb_project, config={**config, "params": n_params, **environment_info()},
+        init_kwargs=wandb_init_kwargs(mode, run_dir, run_id[0], cfg.wandb_name or run_name(config),
+                                      cfg.wandb_group or run_group(config), "train", tags))
+    if not accelerator.is_main_process:
+        return None
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    define_wandb_metrics(run)
+    print_sync_hint(run, accelerator.print)
+    return run
 
 
 def _stopped(stop: StopRequest, run_dir: Path, where: str) -> Stopped:
