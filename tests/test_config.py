@@ -23,7 +23,8 @@ def test_recipe_sets_defaults_and_flags_win(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ("epoch: 3\n", "unknown field 'epoch'"),
-    ("epochs: three\n", "field 'epochs' expects int"),
+    ("epochs: three\n", "field 'epochs' expects a number, got 'three'"),
+    ("epochs: [3]\n", "field 'epochs' expects int"),
     ("opt: rmsprop\n", "field 'opt' must be one of"),
     ("- 1\n", "mapping"),
 ])
@@ -71,3 +72,47 @@ def test_shipped_recipes_parse_and_pass_the_checks(recipe):
 
     cfg = parse_config(TrainConfig, ["--config", str(recipe)])
     check_config(cfg)
+
+
+def test_numeric_strings_in_a_recipe_are_numbers(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1e-3\nweight_decay: 5e-4\nepochs: '12'\n")  # PyYAML reads 1e-3 as a string
+    cfg = parse_config(TrainConfig, ["--config", str(recipe)])
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs) == (0.001, 0.0005, 12)
+    recipe.write_text("lr: fast\n")
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--config", str(recipe)])
+    assert f"error: {recipe}: field 'lr' expects a number, got 'fast'" in capsys.readouterr().err
+
+
+def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 3\nlr: [0.1\n")
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--config", str(recipe)])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {recipe}: not valid YAML (line 3")
+
+
+def test_help_is_grouped_by_topic_and_says_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--help"])
+    out = capsys.readouterr().out
+    titles = ["model:", "optimisation:", "augmentation:", "data:", "run:", "tracking:"]
+    positions = [out.index(f"\n{t}\n") for t in titles]
+    assert positions == sorted(positions)
+    where = {flag: out.index(f"\n  {flag} ") for flag in ("--activation", "--weight-decay", "--cutout", "--val-split")}
+    assert positions[0] < where["--activation"] < positions[1] < where["--weight-decay"] < positions[2]
+    assert positions[2] < where["--cutout"] < positions[3] < where["--val-split"] < positions[4]
+    flat = " ".join(out.split("\n\n", 1)[1].split())  # past the usage block
+    for flag in ("--lr LR", "--weight-decay WEIGHT_DECAY", "--run-dir RUN_DIR"):
+        text = flat.split(flag + " ", 1)[1].split(" --", 1)[0]
+        assert text.count("default") == 1, (flag, text)
+
+
+def test_unknown_flag_suggests_the_near_one(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_config(TrainConfig, ["--epocs", "3"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.count("\n") == 0
+    assert "unrecognized arguments: --epocs 3" in err and "did you mean --epochs?" in err

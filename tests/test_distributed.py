@@ -96,7 +96,8 @@ def test_resume_a_two_process_run_with_one_process(cifar_dir, tmp_path):
     assert "epoch 1/2" not in proc.stdout  # continued, not restarted
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert int(rows[1]["step"]) == int(rows[0]["step"]) + 300 // 32
+    # The schedule position follows progress: epoch 2 ends at 2 epochs of 1-process steps, not 2-process ones.
+    assert (int(rows[0]["step"]), int(rows[1]["step"])) == (300 // 64, 2 * (300 // 32))
 
 
 def test_lr_scaling_and_sync_bn_rules(cifar_dir, tmp_path):
