@@ -56,17 +56,17 @@ def batch_affine(
     crop_scale: float = 1.0,
     crop_ratio: float = 0.75,
     rotation: float = 0.0,
-    translate: int = 0,
     hflip: float = 0.0,
     vflip: float = 0.0,
 ) -> torch.Tensor:
-    """Random resized crop, rotation, translation and flips as one affine warp per image.
+    """Random resized crop, rotation and flips as one affine warp per image.
 
     ``crop_scale`` is the smallest area fraction kept (1 = no crop); the aspect ratio is log-uniform
-    in [crop_ratio, 1/crop_ratio]; ``rotation`` in degrees; ``translate`` in pixels. One bilinear
-    ``grid_sample`` does all of it, so stacking transforms costs no extra resampling blur.
+    in [crop_ratio, 1/crop_ratio]; ``rotation`` in degrees. One bilinear ``grid_sample`` does all of
+    it, so stacking transforms costs no extra resampling blur. Translation is not folded in: the warp
+    can only pad with zeros, and --translate pads by reflection (``batch_translate``) on every path.
     """
-    n, _, h, w = x.shape
+    n = len(x)
     dev = x.device
     area = _uniform(n, crop_scale, 1.0, gen, dev)
     log_r = math.log(crop_ratio) if crop_scale < 1 else 0.0  # scale 1 = no crop, whatever the ratio
@@ -77,9 +77,6 @@ def batch_affine(
     # Window centre in normalised coordinates [-1, 1], anywhere the window still fits.
     cx = _uniform(n, -1.0, 1.0, gen, dev) * (1 - sx)
     cy = _uniform(n, -1.0, 1.0, gen, dev) * (1 - sy)
-    if translate:
-        cx = cx + _uniform(n, -1.0, 1.0, gen, dev) * 2 * translate / w
-        cy = cy + _uniform(n, -1.0, 1.0, gen, dev) * 2 * translate / h
     angle = _uniform(n, -rotation, rotation, gen, dev) * (math.pi / 180)
     fx = torch.where(_chance(n, hflip, gen, dev), -1.0, 1.0)
     fy = torch.where(_chance(n, vflip, gen, dev), -1.0, 1.0)
@@ -225,11 +222,12 @@ class BatchAugment:
         c = self.cfg
         x = images.float().div_(255)
         if c.needs_warp:
-            x = batch_affine(x, gen, c.crop_scale, c.crop_ratio, c.rotation, c.translate, c.hflip, c.vflip)
+            x = batch_affine(x, gen, c.crop_scale, c.crop_ratio, c.rotation, c.hflip, c.vflip)
         else:  # cheaper exact paths when no resampling is needed
             x = batch_flip(x, c.hflip, gen, dim=-1)
             x = batch_flip(x, c.vflip, gen, dim=-2)
-            x = batch_translate(x, c.translate, gen)
+        # After the warp, so the pixels shifted in are reflections, as the worker path's RandomCrop pads.
+        x = batch_translate(x, c.translate, gen)
         if c.color_jitter or c.hue:
             x = batch_color_jitter(x, gen, c.color_jitter, c.color_jitter, c.color_jitter, c.hue, c.jitter_p)
         x = batch_gaussian_blur(x, c.blur_sigma, gen, c.blur_p)

@@ -81,6 +81,23 @@ def test_translate_moves_content_by_whole_pixels():
         assert any(torch.equal(img, padded[:, dy:dy + 32, dx:dx + 32]) for dy in range(5) for dx in range(5))
 
 
+def test_warp_path_translation_pads_by_reflection():
+    """With the warp on (a rotation too small to move anything), translated images are reflect-padded windows."""
+    cfg = AugmentConfig(rotation=1e-3, translate=3)
+    assert cfg.needs_warp
+    x = (images(16) * 255).to(torch.uint8)
+    out = BatchAugment(cfg, mean=(0.0,) * 3, std=(1.0,) * 3)(x, gen(4))
+    shifted = 0
+    for img, src in zip(out, x.float() / 255):
+        padded = torch.nn.functional.pad(src[None], (3,) * 4, mode="reflect")[0]
+        errors = {(dy, dx): (img - padded[:, dy:dy + 32, dx:dx + 32]).abs().max().item()
+                  for dy in range(7) for dx in range(7)}
+        (dy, dx), error = min(errors.items(), key=lambda kv: kv[1])
+        assert error < 1e-3  # zero padding would leave black borders, a sub-pixel shift a blend
+        shifted += (dy, dx) != (3, 3)
+    assert shifted > 8
+
+
 def test_cutout_zeroes_a_square_of_the_requested_size_and_rate():
     x = images(2000).add(1.0)  # no natural zeros
     out = batch_cutout(x, 8, gen(), p=0.5)
