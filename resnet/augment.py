@@ -114,7 +114,8 @@ def batch_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # Hue in sixths of a turn, from the largest channel (red wins ties, then green), as torchvision.
     h6 = torch.where(value == r, (g - b) / c, torch.where(value == g, (b - r) / c + 2.0, (r - g) / c + 4.0))
     h6 = (h6 + 6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
-    k = torch.remainder(h6 + x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1), 6.0)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1; no host copy
+    k = torch.remainder(h6 + n, 6.0)
     return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
@@ -183,7 +184,10 @@ def batch_color_jitter(
         return x
     order, factors, apply = color_jitter_params(len(x), gen, x.device, brightness, contrast, saturation, hue, p)
     factors = factors.to(x.dtype)
-    active = apply[:, None] & torch.tensor(enabled, device=x.device)[order]  # (n, 4) per image and position
+    active = apply[:, None].expand(-1, 4)  # (n, 4): per image and order position
+    for op, on in enumerate(enabled):
+        if not on:  # compared on the device: a host-built mask copied in would make CUDA wait for the GPU
+            active = active & (order != op)
     hue_at = order.argsort(1)[:, HUE] if hue else torch.full_like(apply, 4, dtype=torch.long)
     blends = any(enabled[:HUE])
     out = x
@@ -237,9 +241,10 @@ def batch_cutout(x: torch.Tensor, size: int, gen: torch.Generator, p: float = 1.
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
+    # non_blocking: torch.tensor(..., device="cuda") copies synchronously, so it would wait for the GPU
+    # to finish all queued work (the previous training step) on every batch.
+    stats = torch.tensor([mean, std], dtype=x.dtype).to(x.device, non_blocking=True)
+    return (x - stats[0].view(1, -1, 1, 1)) / stats[1].view(1, -1, 1, 1)
 
 
 @dataclass
