@@ -105,11 +105,11 @@ def batch_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     RGB -> (hue, chroma, value) -> RGB with the maths of torchvision's ``_rgb2hsv`` / ``_hsv2rgb``, in a
     fused form: saturation only ever appears as chroma = s * v, so it is never formed, and the way back
     is the closed form channel = v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 * hue) mod 6 with
-    n = 5, 3, 1 for R, G, B, instead of building six candidate images. Hue runs at every position of
-    the jitter (see ``batch_color_jitter``), so its cost counts four times.
+    n = 5, 3, 1 for R, G, B, instead of building six candidate images.
     """
     r, g, b = x.unbind(1)
-    value, chroma = x.amax(1), x.amax(1) - x.amin(1)
+    value = x.amax(1)
+    chroma = value - x.amin(1)
     c = torch.where(chroma == 0, 1.0, chroma)  # grays have no hue; chroma 0 erases whatever comes out
     # Hue in sixths of a turn, from the largest channel (red wins ties, then green), as torchvision.
     h6 = torch.where(value == r, (g - b) / c, torch.where(value == g, (b - r) / c + 2.0, (r - g) / c + 4.0))
