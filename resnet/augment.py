@@ -96,7 +96,8 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    # Three fused ops rather than five: the jitter computes this up to six times per batch.
+    return (_LUMA[0] * r).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
 
 
 def batch_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
