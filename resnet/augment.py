@@ -56,17 +56,17 @@ def batch_affine(
     crop_scale: float = 1.0,
     crop_ratio: float = 0.75,
     rotation: float = 0.0,
-    translate: int = 0,
     hflip: float = 0.0,
     vflip: float = 0.0,
 ) -> torch.Tensor:
-    """Random resized crop, rotation, translation and flips as one affine warp per image.
+    """Random resized crop, rotation and flips as one affine warp per image.
 
     ``crop_scale`` is the smallest area fraction kept (1 = no crop); the aspect ratio is log-uniform
-    in [crop_ratio, 1/crop_ratio]; ``rotation`` in degrees; ``translate`` in pixels. One bilinear
-    ``grid_sample`` does all of it, so stacking transforms costs no extra resampling blur.
+    in [crop_ratio, 1/crop_ratio]; ``rotation`` in degrees. One bilinear ``grid_sample`` does all of
+    it, so stacking transforms costs no extra resampling blur. Translation is not folded in: the warp
+    can only pad with zeros, and --translate pads by reflection (``batch_translate``) on every path.
     """
-    n, _, h, w = x.shape
+    n = len(x)
     dev = x.device
     area = _uniform(n, crop_scale, 1.0, gen, dev)
     log_r = math.log(crop_ratio) if crop_scale < 1 else 0.0  # scale 1 = no crop, whatever the ratio
@@ -77,9 +77,6 @@ def batch_affine(
     # Window centre in normalised coordinates [-1, 1], anywhere the window still fits.
     cx = _uniform(n, -1.0, 1.0, gen, dev) * (1 - sx)
     cy = _uniform(n, -1.0, 1.0, gen, dev) * (1 - sy)
-    if translate:
-        cx = cx + _uniform(n, -1.0, 1.0, gen, dev) * 2 * translate / w
-        cy = cy + _uniform(n, -1.0, 1.0, gen, dev) * 2 * translate / h
     angle = _uniform(n, -rotation, rotation, gen, dev) * (math.pi / 180)
     fx = torch.where(_chance(n, hflip, gen, dev), -1.0, 1.0)
     fy = torch.where(_chance(n, vflip, gen, dev), -1.0, 1.0)
@@ -93,28 +90,76 @@ def batch_affine(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
-_LUMA = (0.299, 0.587, 0.114)
+# Luma weights of torchvision's rgb_to_grayscale on float tensors (ITU-R 601, as torchvision rounds them).
+_LUMA = (0.2989, 0.587, 0.114)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    # Three fused ops rather than five: the jitter computes this up to six times per batch.
+    return (_LUMA[0] * r).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
 
 
-def _hue_matrices(shift: torch.Tensor) -> torch.Tensor:
-    """(N,3,3) RGB->RGB matrices rotating the hue by ``shift`` turns (a rotation of I/Q in YIQ space)."""
-    to_yiq = shift.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = torch.linalg.inv(to_yiq)
-    a = shift * 2 * math.pi
-    cos, sin = torch.cos(a), torch.sin(a)
-    one, zero = torch.ones_like(a), torch.zeros_like(a)
-    rot = torch.stack([
-        torch.stack([one, zero, zero], -1),
-        torch.stack([zero, cos, -sin], -1),
-        torch.stack([zero, sin, cos], -1),
-    ], -2)
-    return from_yiq @ rot @ to_yiq
+def batch_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Turn each image's HSV hue by ``shift`` (N,) turns, as torchvision's ``adjust_hue`` does.
+
+    RGB -> (hue, chroma, value) -> RGB with the maths of torchvision's ``_rgb2hsv`` / ``_hsv2rgb``, in a
+    fused form: saturation only ever appears as chroma = s * v, so it is never formed, and the way back
+    is the closed form channel = v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 * hue) mod 6 with
+    n = 5, 3, 1 for R, G, B, instead of building six candidate images.
+    """
+    r, g, b = x.unbind(1)
+    value = x.amax(1)
+    chroma = value - x.amin(1)
+    c = torch.where(chroma == 0, 1.0, chroma)  # grays have no hue; chroma 0 erases whatever comes out
+    # Hue in sixths of a turn, from the largest channel (red wins ties, then green), as torchvision.
+    h6 = torch.where(value == r, (g - b) / c, torch.where(value == g, (b - r) / c + 2.0, (r - g) / c + 4.0))
+    h6 = (h6 + 6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1; no host copy
+    k = torch.remainder(h6 + n, 6.0)
+    return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+
+
+# Operation ids of the colour jitter, in torchvision's numbering (ColorJitter.get_params' fn_idx).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+
+
+def color_jitter_params(
+    n: int,
+    gen: torch.Generator,
+    device: torch.device,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    saturation: float = 0.0,
+    hue: float = 0.0,
+    p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of ``batch_color_jitter``: per image, what torchvision's ColorJitter draws per call.
+
+    Returns ``order`` (n, 4) long, a random permutation of the op ids per image; ``factors`` (n, 4) float
+    indexed by op id (brightness/contrast/saturation factors in [max(0, 1-s), 1+s], hue shift in
+    [-hue, hue] turns; an op at strength 0 gets the identity, 1 or 0); ``apply`` (n,) bool, prob. p.
+    """
+    apply = _chance(n, p, gen, device)
+    # argsort of i.i.d. uniforms is a uniformly random permutation, one per row.
+    order = torch.rand(n, 4, generator=gen, device=device).argsort(1)
+    factors = torch.stack([
+        _uniform(n, max(0.0, 1 - s), 1 + s, gen, device) for s in (brightness, contrast, saturation)
+    ] + [_uniform(n, -hue, hue, gen, device)], 1)
+    return order, factors, apply
+
+
+def _blend_ops(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast or saturation (per image ``op``) where ``active``, each clamped as torchvision's _blend.
+
+    The three are one blend, out = f * x + (1 - f) * degenerate, with a different degenerate image:
+    black, the mean of the image's grayscale, the image's own grayscale.
+    """
+    f = _per_image(factors.gather(1, op[:, None]).squeeze(1))
+    gray = _gray(x)
+    degenerate = torch.where(_per_image(op == SATURATION), gray, gray.mean(dim=(1, 2, 3), keepdim=True))
+    degenerate = torch.where(_per_image(op == BRIGHTNESS), 0.0, degenerate)
+    return torch.where(_per_image(active), torch.lerp(degenerate, x, f).clamp_(0.0, 1.0), x)
 
 
 def batch_color_jitter(
@@ -126,24 +171,34 @@ def batch_color_jitter(
     hue: float = 0.0,
     p: float = 1.0,
 ) -> torch.Tensor:
-    """torchvision-style ColorJitter with per-image factors (fixed order: b, c, s, h), applied with prob. p."""
-    n, dev = len(x), x.device
-    apply = _per_image(_chance(n, p, gen, dev))
+    """torchvision's ``RandomApply([ColorJitter(b, c, s, hue)], p)``, per image, on a whole batch.
+
+    As torchvision: each image applies the four ops in its own random order, each op clamps to [0, 1]
+    right after it (``_blend`` does), contrast blends with the mean of the image's grayscale, and hue
+    turns the HSV hue. Ops at strength 0 are skipped, as torchvision skips them (factor None).
+    Batched with masks, no loop over images and no host sync: the blends of each order position that
+    come before an image's hue, then the hue once for all, then the blends that come after it (hue is
+    the costly op, so it runs once rather than at each of the four positions).
+    """
+    enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+    if not any(enabled) or p <= 0:
+        return x
+    order, factors, apply = color_jitter_params(len(x), gen, x.device, brightness, contrast, saturation, hue, p)
+    factors = factors.to(x.dtype)
+    active = apply[:, None].expand(-1, 4)  # (n, 4): per image and order position
+    for op, on in enumerate(enabled):
+        if not on:  # compared on the device: a host-built mask copied in would make CUDA wait for the GPU
+            active = active & (order != op)
+    hue_at = order.argsort(1)[:, HUE] if hue else torch.full_like(apply, 4, dtype=torch.long)
+    blends = any(enabled[:HUE])
     out = x
-    if brightness:
-        out = out * _per_image(_uniform(n, max(0.0, 1 - brightness), 1 + brightness, gen, dev))
-    if contrast:
-        mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
-        c = _per_image(_uniform(n, max(0.0, 1 - contrast), 1 + contrast, gen, dev))
-        out = (out - mean) * c + mean
-    if saturation:
-        gray = _gray(out)
-        s = _per_image(_uniform(n, max(0.0, 1 - saturation), 1 + saturation, gen, dev))
-        out = (out - gray) * s + gray
+    for k in range(3 if hue else 4) if blends else ():  # hue is at position 3 at the latest
+        out = _blend_ops(out, order[:, k], factors, active[:, k] & (k < hue_at))
     if hue:
-        m = _hue_matrices(_uniform(n, -hue, hue, gen, dev)).to(out.dtype)
-        out = torch.einsum("nij,njhw->nihw", m, out)
-    return torch.where(apply, out.clamp(0, 1), x)
+        out = torch.where(_per_image(apply), batch_hue(out, factors[:, HUE]), out)
+        for k in range(1, 4) if blends else ():
+            out = _blend_ops(out, order[:, k], factors, active[:, k] & (k > hue_at))
+    return out
 
 
 def batch_gaussian_blur(x: torch.Tensor, sigma_max: float, gen: torch.Generator, p: float = 1.0,
@@ -187,9 +242,10 @@ def batch_cutout(x: torch.Tensor, size: int, gen: torch.Generator, p: float = 1.
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
+    # non_blocking: torch.tensor(..., device="cuda") copies synchronously, so it would wait for the GPU
+    # to finish all queued work (the previous training step) on every batch.
+    stats = torch.tensor([mean, std], dtype=x.dtype).to(x.device, non_blocking=True)
+    return (x - stats[0].view(1, -1, 1, 1)) / stats[1].view(1, -1, 1, 1)
 
 
 @dataclass
@@ -225,11 +281,12 @@ class BatchAugment:
         c = self.cfg
         x = images.float().div_(255)
         if c.needs_warp:
-            x = batch_affine(x, gen, c.crop_scale, c.crop_ratio, c.rotation, c.translate, c.hflip, c.vflip)
+            x = batch_affine(x, gen, c.crop_scale, c.crop_ratio, c.rotation, c.hflip, c.vflip)
         else:  # cheaper exact paths when no resampling is needed
             x = batch_flip(x, c.hflip, gen, dim=-1)
             x = batch_flip(x, c.vflip, gen, dim=-2)
-            x = batch_translate(x, c.translate, gen)
+        # After the warp, so the pixels shifted in are reflections, as the worker path's RandomCrop pads.
+        x = batch_translate(x, c.translate, gen)
         if c.color_jitter or c.hue:
             x = batch_color_jitter(x, gen, c.color_jitter, c.color_jitter, c.color_jitter, c.hue, c.jitter_p)
         x = batch_gaussian_blur(x, c.blur_sigma, gen, c.blur_p)

@@ -4,18 +4,25 @@
 there: it is faster to move 150 MB of uint8 once than to decode, augment and copy every image every
 epoch in worker processes. ``eval_loader`` is a plain DataLoader that Accelerate prepares, so that
 ``gather_for_metrics`` can drop the padding it adds and every image is counted exactly once.
+
+Both training paths (``DeviceLoader``, ``WorkerLoader``) draw their batches from ``global_batch_indices``
+and seed all randomness from (seed, epoch, position), never from a stream that runs across batches:
+any batch of any epoch can be rebuilt on its own, so ``set_epoch(epoch, skip)`` resumes exactly.
 """
 from __future__ import annotations
 
 import math
+import random
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, get_worker_info
 
 from .augment import AugmentConfig, batch_cutout
+from .config import ConfigError
 
 
 def to_chw_tensor(images: np.ndarray) -> torch.Tensor:
@@ -23,19 +30,53 @@ def to_chw_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A distinct, reproducible seed per (run seed, epoch, rank): resuming at an epoch replays it exactly."""
-    return (seed * 1_000_003 + epoch * 1_009 + rank * 7_919) % (2**63)
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed from integers (run seed, stream, epoch, ...); nearby tuples give unrelated seeds.
+
+    SeedSequence hashes its input, where a linear mix (seed * a + epoch * b + ...) lets, say, (epoch 1,
+    batch 0) and (epoch 0, batch b) collide.
+    """
+    return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0])
+
+
+# Streams derived from the run seed; the stream id comes right after it, so streams never share a seed.
+_ORDER, _BATCH_AUG, _IMAGE_AUG = range(3)
+
+
+def check_fits(n: int, batch_size: int, world_size: int) -> None:
+    """Both training loaders drop the last partial global batch; with none left there is nothing to train on."""
+    if n < batch_size * world_size:
+        where = f" on each of {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(f"--batch-size: {n} training images cannot fill one batch of {batch_size}{where}; "
+                          f"lower --batch-size (or --val-split)")
+
+
+def global_batch_indices(n: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> torch.Tensor:
+    """Rank ``rank``'s index batches for ``epoch``: (n // (batch_size * world_size), batch_size) int64, on the CPU.
+
+    One permutation seeded by (seed, epoch), the same on every rank, cut into global batches of
+    ``batch_size * world_size``; rank r takes the r-th slice of each. So the sequence of global batches
+    does not depend on the number of processes (a 2 x 128 run sees what a 1 x 256 run sees), every rank
+    runs the same number of steps, and the last partial global batch is dropped.
+    """
+    order = torch.Generator().manual_seed(derive_seed(seed, _ORDER, epoch))
+    perm = torch.randperm(n, generator=order)
+    steps = n // (batch_size * world_size)
+    return perm[:steps * batch_size * world_size].view(steps, world_size, batch_size)[:, rank]
+
+
+def _check_skip(skip: int, steps: int) -> None:
+    if not 0 <= skip <= steps:
+        raise ValueError(f"skip must be in [0, {steps}] (batches per epoch), got {skip}")
 
 
 class DeviceLoader:
     """Iterate augmented training batches from a dataset held on ``device``.
 
-    Each epoch all ranks draw the same seeded permutation and cut it into global batches of
-    ``batch_size * world_size``; rank r takes the r-th slice of each. So the sequence of global
-    batches does not depend on the number of processes (a 2 x 128 run sees what a 1 x 256 run sees),
-    every rank runs the same number of steps, and the last partial global batch is dropped.
-    Augmentation draws come from a per-rank generator, so ranks never share crops.
+    Batches follow ``global_batch_indices`` (same global batches for any process count). Batch i of
+    an epoch is augmented with a generator seeded by (seed, epoch, rank, i): ranks never share crops,
+    and ``set_epoch(epoch, skip=k)`` yields exactly batches k.. of the full epoch without replaying
+    the first k. ``len`` is always the full number of batches per epoch.
     """
 
     def __init__(
@@ -50,34 +91,35 @@ class DeviceLoader:
         world_size: int = 1,
         channels_last: bool = False,
     ):
-        if len(images) < world_size * batch_size:
-            raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size} "
-                             f"on each of {world_size} processes; lower --batch-size")
+        check_fits(len(images), batch_size, world_size)
         self.images = to_chw_tensor(images).to(device)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
         self.batch_size, self.device, self.augment = batch_size, device, augment
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self.generator = torch.Generator(device=device)
 
     def __len__(self) -> int:
         return len(self.images) // (self.batch_size * self.world_size)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next pass yields batches ``skip``.. of ``epoch`` (skip > 0 resumes mid-epoch)."""
+        _check_skip(skip, len(self))
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        perm = torch.randperm(len(self.images), generator=order).to(self.device)
-        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank + 1))
-        global_batch = self.batch_size * self.world_size
-        for i in range(len(self)):
-            if i < getattr(self, "skip", 0):  # TEMP until the loader branch lands
-                self.augment(self.images[perm[:self.batch_size]], self.generator)
-                continue
-            start = i * global_batch + self.rank * self.batch_size
-            idx = perm[start:start + self.batch_size]
+        epoch, skip = self.epoch, self.skip
+        self.skip = 0  # a skip applies to one pass
+        return self._batches(epoch, skip)
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = global_batch_indices(len(self.images), self.batch_size, self.world_size, self.rank, self.seed,
+                                       epoch).to(self.device)
+        for i in range(skip, len(batches)):
+            # Reseeding is host-side only (no device sync), and makes batch i independent of batches before it.
+            self.generator.manual_seed(derive_seed(self.seed, _BATCH_AUG, epoch, self.rank, i))
+            idx = batches[i]
             x = self.augment(self.images[idx], self.generator)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -94,17 +136,71 @@ def eval_loader(images: np.ndarray, labels: np.ndarray | None, batch_size: int) 
 # ------------------------------------------------------------------------------------------------
 # Classic path: per-image PIL transforms in DataLoader workers, for what has no batched form
 # (timm RandAugment / AutoAugment / AugMix, timm random erasing).
-class ImageDataset(Dataset):
-    """uint8 (N, H, W, C) images as PIL images through ``transform``."""
+@contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator, Python's ``random`` and NumPy's global RNG; restore them afterwards.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable):
-        self.images, self.labels, self.transform = images, labels, transform
+    torchvision's v1 transforms draw from torch's, timm's policies from ``random`` and NumPy's. The
+    restore keeps the training process's own streams undisturbed when workers=0; a worker process
+    has no other users of its RNGs, so it skips it (NumPy's get/set_state alone cost ~100 us an image).
+    """
+    restore = get_worker_info() is None
+    if restore:
+        saved = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed the CUDA generators too
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        if restore:
+            torch.default_generator.set_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+class ImageDataset(Dataset):
+    """uint8 (N, H, W, C) images as PIL images through ``transform``, indexed by (index, epoch) pairs.
+
+    Image i of epoch e is transformed with the global RNGs seeded by (seed, e, i), so its augmentation
+    does not depend on which worker process runs it or on what ran there before.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, seed: int = 0):
+        self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = key
+        with _seeded_global_rngs(derive_seed(self.seed, _IMAGE_AUG, epoch, i)):
+            x = self.transform(Image.fromarray(self.images[i]))
+        return x, int(self.labels[i])
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """A DataLoader ``batch_sampler``: this rank's ``global_batch_indices`` as lists of (index, epoch) pairs.
+
+    The epoch travels with each index because the sampler runs in the main process while the images
+    are transformed in worker processes, which must seed by it.
+    """
+
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+        self.n, self.batch_size, self.world_size, self.rank, self.seed = n, batch_size, world_size, rank, seed
+        self.epoch, self.skip = 0, 0
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        _check_skip(skip, len(self))
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # Not one-shot: a worker DataLoader calls iter() twice for its first pass (WorkerLoader resets skip).
+        batches = global_batch_indices(self.n, self.batch_size, self.world_size, self.rank, self.seed, self.epoch)
+        return iter([[(i, self.epoch) for i in batch] for batch in batches[self.skip:].tolist()])
 
 
 class Cutout:
@@ -163,26 +259,58 @@ def per_image_transform(cfg: AugmentConfig, mean: tuple[float, ...], std: tuple[
 
 
 class WorkerLoader:
-    """A prepared DataLoader with DeviceLoader's interface (len, set_epoch, channels_last batches)."""
+    """The per-image path with DeviceLoader's interface and guarantees, yielding batches on ``device``.
 
-    def __init__(self, loader, channels_last: bool):
-        self.loader, self.channels_last = loader, channels_last
+    Batches follow ``global_batch_indices`` (``GlobalBatchSampler``) and each image's augmentation is a
+    function of (seed, epoch, index) (``ImageDataset``): an epoch is the same for any worker count and
+    any process count, and ``set_epoch(epoch, skip=k)`` yields exactly batches k.. of the full epoch.
+    It shards by itself rather than through ``accelerator.prepare``, whose sharding and shuffling would
+    make the batches depend on the process count and on a generator seeded once per run.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+        transform: Callable,
+        workers: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+    ):
+        check_fits(len(images), batch_size, world_size)
+        self.sampler = GlobalBatchSampler(len(images), batch_size, world_size, rank, seed)
+        self.device, self.channels_last = device, channels_last
+        # A private generator: each pass DataLoader draws a worker base seed from it, which would
+        # otherwise advance the global torch RNG (the images reseed per image anyway).
+        self.loader = DataLoader(ImageDataset(images, labels, transform, seed), batch_sampler=self.sampler,
+                                 num_workers=workers, persistent_workers=workers > 0,
+                                 pin_memory=device.type == "cuda", generator=torch.Generator())
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.sampler)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.loader.set_epoch(epoch)
+        """The next pass yields batches ``skip``.. of ``epoch`` (skip > 0 resumes mid-epoch)."""
+        self.sampler.set_epoch(epoch, skip)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
+        batches = iter(self.loader)  # the sampler reads epoch and skip now
+        self.sampler.skip = 0  # a skip applies to one pass
+        return self._to_device(batches)
+
+    def _to_device(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in batches:
+            # Pinned on CUDA, so the copy overlaps with the previous step.
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
 
 def worker_loader(accelerator, images: np.ndarray, labels: np.ndarray, batch_size: int, transform: Callable,
                   workers: int, seed: int, channels_last: bool) -> WorkerLoader:
-    """Shuffled per-image pipeline in ``workers`` processes, sharded by Accelerate."""
-    loader = DataLoader(ImageDataset(images, labels, transform), batch_size=batch_size, shuffle=True,
-                        drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=accelerator.device.type == "cuda")
-    return WorkerLoader(accelerator.prepare(loader), channels_last)
+    """``WorkerLoader`` on the accelerator's device, sharded over its processes."""
+    return WorkerLoader(images, labels, batch_size, accelerator.device, transform, workers, seed,
+                        accelerator.process_index, accelerator.num_processes, channels_last)
