@@ -161,7 +161,9 @@ class _ArrayUnpickler(pickle._Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return _ALLOWED[module, name]
-        raise _Refused(f"refused to load {module}.{name}: a name loaded from a pickle can run code; {ALLOWED}")
+        what = f"{module}.{name}"
+        what = what if what.isprintable() and len(what) <= 100 else reprlib.repr(what)
+        raise _Refused(f"refused to load {what}: a name loaded from a pickle can run code; {ALLOWED}")
 
     def load_build(self) -> None:
         inst = self.stack[-2]
