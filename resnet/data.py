@@ -78,14 +78,50 @@ _NDARRAY = _NdarrayName()
 ALLOWED = "only numpy arrays, dicts, lists, tuples, strings and numbers are allowed"
 
 
+def _simple_dtype(dtype: Any) -> bool:
+    """Numbers or strings, without fields, subarrays or metadata: all these files need, and the dtypes
+    whose pickled state numpy restores safely (a datetime dtype given a short state crashes numpy)."""
+    return (isinstance(dtype, np.dtype) and dtype.kind in "biufcSU" and dtype.fields is None
+            and dtype.subdtype is None and dtype.metadata is None)
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """``numpy.dtype(spec)`` for a type string such as 'u1' or 'i8' (what numpy writes), always a new
+    object: the pickle then sets its state, and without the copy that could be numpy's shared uint8."""
+    if type(spec) is not str or len(spec) > 16:
+        raise _Refused(f"refused dtype {reprlib.repr(spec)}: expected a type string such as 'u1'")
+    dtype = np.dtype(spec, bool(align), True)
+    if dtype.hasobject:  # object arrays hold arbitrary objects, and numpy allocates them before checking
+        raise _Refused(f"refused an object array (dtype {dtype}): expected an array of numbers")
+    if not _simple_dtype(dtype):
+        raise _Refused(f"refused dtype {dtype}: expected numbers or strings")
+    return dtype
+
+
 def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    """numpy's array constructor, for plain ndarrays of numbers only (numpy itself writes shape (0,))."""
+    """numpy's array constructor as numpy calls it: ``_reconstruct(ndarray, (0,), 'b')``; the shape and
+    dtype come afterwards from the array's state, which ``_check_array_state`` vets."""
     if subtype is not _NDARRAY:
         raise _Refused(f"refused to rebuild an array of class {type(subtype).__name__}: expected numpy.ndarray")
-    if tuple(shape) != (0,):
-        raise _Refused(f"refused to allocate an array of shape {reprlib.repr(shape)} while unpickling: "
-                       "numpy pickles start every array at shape (0,)")
-    return _np_reconstruct(np.ndarray, (0,), dtype)
+    if type(shape) is not tuple or shape != (0,) or dtype not in ("b", b"b"):
+        raise _Refused(f"refused to allocate an array of shape {reprlib.repr(shape)} and dtype "
+                       f"{reprlib.repr(dtype)} while unpickling: numpy pickles start every array at (0,), 'b'")
+    return _np_reconstruct(np.ndarray, (0,), "b")
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
+    """How protocol-5 pickles rebuild arrays: a view of bytes the file holds, for simple dtypes only."""
+    if type(buffer) not in (bytes, bytearray) or not _simple_dtype(dtype) or order not in ("C", "F"):
+        raise _Refused(f"refused _frombuffer with a {type(buffer).__name__} and dtype {reprlib.repr(dtype)}: "
+                       "expected bytes and a numeric or string dtype")
+    return _np_frombuffer(buffer, dtype, shape, order)
+
+
+def _scalar(dtype: Any, *data: Any) -> Any:
+    """A numpy scalar such as np.int64(3) in a list of labels, for simple dtypes only."""
+    if not _simple_dtype(dtype):
+        raise _Refused(f"refused a numpy scalar of dtype {reprlib.repr(dtype)}: expected numbers or strings")
+    return _np_scalar(dtype, *data)
 
 
 def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
@@ -94,12 +130,6 @@ def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
     if type(text) is not str or encoding not in ("latin1", "latin-1"):
         raise _Refused(f"refused _codecs.encode with encoding {reprlib.repr(encoding)}: expected 'latin1' bytes")
     return text.encode("latin1")
-
-
-def _dtype(obj: Any, align: Any = False, copy: Any = False) -> np.dtype:
-    """``numpy.dtype`` always as a new object: a pickle sets the state of the dtype it builds, and
-    without the copy that could be numpy's shared uint8 (numpy writes copy=True itself)."""
-    return np.dtype(obj, bool(align), True)
 
 
 def _empty_bytes(*args: Any) -> bytes:
@@ -112,10 +142,10 @@ def _empty_bytes(*args: Any) -> bytes:
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy.core.multiarray", "scalar"): _np_scalar,
-    ("numpy._core.multiarray", "scalar"): _np_scalar,
-    ("numpy.core.numeric", "_frombuffer"): _np_frombuffer,  # protocol-5 arrays; refuses object dtype itself
-    ("numpy._core.numeric", "_frombuffer"): _np_frombuffer,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _dtype,
     ("_codecs", "encode"): _latin1_bytes,
@@ -134,6 +164,8 @@ def _check_array_state(state: Any, max_bytes: int) -> None:
     if dtype.hasobject:
         # numpy allocates the object array before it checks the item list, and its items may be anything.
         raise _Refused(f"refused an object array (dtype {dtype}): expected an array of numbers")
+    if not _simple_dtype(dtype):
+        raise _Refused(f"refused an array of dtype {dtype}: expected numbers or strings")
     # At most 64 sizes below 2**63 each (numpy's own limits), so the product below stays cheap.
     if not isinstance(shape, tuple) or len(shape) > 64 or not all(type(n) is int and 0 <= n < 2**63 for n in shape):
         raise _Refused(f"refused array shape {reprlib.repr(shape)}: expected a tuple of sizes")
@@ -147,9 +179,11 @@ class _ArrayUnpickler(pickle._Unpickler):
     """pickle's pure-Python unpickler, restricted to numpy arrays of numbers and plain containers.
 
     Pure Python so that every instruction can be vetted (the C unpickler only lets us vet imports):
-    BUILD only on arrays and dtypes, dict keys only strings (a tuple key nested 100,000 deep crashes
-    CPython's hash; int keys can be chosen to collide), no sets, bounded memo indices and at most
-    MAX_PICKLE_OPS instructions, so memory stays a small multiple of the file size.
+    state only for arrays (numbers or strings, no larger than the file) and dtypes (exactly the state
+    numpy writes), dict keys only strings (a tuple key nested 100,000 deep crashes CPython's hash; int
+    keys can be chosen to collide), no sets, sizes and memo indices bounded, and at most MAX_PICKLE_OPS
+    instructions, so memory stays a small multiple of the file size. Each of these was a crash, a hang
+    or a multi-gigabyte allocation from a file of a few bytes (tests/test_data.py has them).
     """
 
     def __init__(self, raw: bytes, max_ops: int = MAX_PICKLE_OPS):
@@ -166,10 +200,17 @@ class _ArrayUnpickler(pickle._Unpickler):
         raise _Refused(f"refused to load {what}: a name loaded from a pickle can run code; {ALLOWED}")
 
     def load_build(self) -> None:
-        inst = self.stack[-2]
+        state, inst = self.stack[-1], self.stack[-2]
         if type(inst) is np.ndarray:
-            _check_array_state(self.stack[-1], self.max_bytes)
-        elif not isinstance(inst, np.dtype):
+            _check_array_state(state, self.max_bytes)
+        elif isinstance(inst, np.dtype):
+            # Only the state numpy itself writes for this dtype, up to byte order: numpy's dtype
+            # __setstate__ trusts its input (a malformed one can crash the interpreter).
+            own = inst.__reduce__()[2]
+            if not (type(state) is tuple and len(state) == len(own) and state[0] == own[0]
+                    and state[1] in ("<", ">", "|", "=") and state[2:] == own[2:]):
+                raise _Refused(f"refused dtype state {reprlib.repr(state)} for {inst}: expected {own!r}")
+        else:
             raise _Refused(f"refused to set the state of a {type(inst).__name__}: expected numpy arrays only")
         super().load_build()
 
@@ -196,6 +237,15 @@ class _ArrayUnpickler(pickle._Unpickler):
 
     def load_set(self) -> None:
         raise _Refused(f"refused a set: {ALLOWED}")
+
+    def load_bytearray8(self) -> None:
+        # The base method allocates (and zeroes) the declared size before reading: bound it by the file.
+        size = int.from_bytes(self.read(8), "little")
+        if size > self.max_bytes:
+            raise _Refused(f"refused a bytearray of {size:,} bytes: expected at most the file's {self.max_bytes:,} bytes")
+        data = bytearray(size)
+        self.readinto(data)
+        self.append(data)
 
     def load_put(self) -> None:
         index = self.readline()[:-1]
@@ -224,6 +274,7 @@ _DISPATCH.update({
     pickle.ADDITEMS[0]: _ArrayUnpickler.load_set,
     pickle.FROZENSET[0]: _ArrayUnpickler.load_set,
     pickle.PUT[0]: _ArrayUnpickler.load_put,
+    pickle.BYTEARRAY8[0]: _ArrayUnpickler.load_bytearray8,
 })
 _ArrayUnpickler.dispatch = {code: _counted(op) for code, op in _DISPATCH.items()}
 

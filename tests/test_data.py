@@ -220,6 +220,13 @@ def test_missing_file_and_folder(tmp_path):
     # Ints that all hash alike make dict insertion quadratic: keys are strings only, memo indices small.
     (b"\x80\x02}(" + b"".join(b"L%dL\nN" % (k * (2**61 - 1)) for k in range(1, 5)) + b"u.", "refused a dict key of type int"),
     (b"(p99999999999999999999\n.", "refused memo index"),
+    # A datetime dtype given an integer dtype's state: numpy's dtype __setstate__ segfaults on it.
+    (pickle.dumps({"ids": np.arange(3)}, protocol=2).replace(b"i8", b"M8"), "refused dtype datetime64"),
+    (pickle.dumps(np.zeros(2, np.uint8), protocol=2).replace(b"J\xff\xff\xff\xffJ", b"K\x05J"),
+     "refused dtype state"),
+    (pickle.dumps(np.zeros(2, np.uint8), protocol=2).replace(b"u1", b"V9"), "refused dtype |V9"),
+    # BYTEARRAY8 declaring 6.8e18 bytes: pickle's own unpickler allocates that before reading.
+    (b"\x80\x05\x96cnumpy._core", r"refused a bytearray of [\d,]+ bytes: expected at most the file's 15 bytes"),
 ])
 def test_allocation_and_crash_attacks_are_refused(tmp_path, raw, match):
     path = tmp_path / "attack.pkl"
