@@ -81,3 +81,33 @@ def run_cli(*args: str, config: str | None = "cpu.yaml", timeout: int = 300, che
 # Flags that make a training run take seconds on the synthetic data.
 TINY_RUN = ["--model", "resnet_tiny_20k", "--batch-size", "32", "--val-split", "100", "--no-progress",
             "--no-download"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests write only to temporary folders: a test run that leaves a file in the repository (say, a runs/
+# folder from a train.py started with cwd=ROOT and no --run-dir) fails the session.
+# A walk rather than `git status --ignored`: git reports an ignored folder as one line, so a new run
+# inside a runs/ that already exists would go unseen.
+_NOT_OURS = ("__pycache__", ".pytest_cache", ".hypothesis", ".git")
+
+
+def _repo_entries() -> set[str]:
+    entries = set()
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in _NOT_OURS and not d.startswith(".venv")]
+        rel = Path(folder).relative_to(ROOT)
+        entries.update(str(rel / name) for name in dirs + files)
+    return entries
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_stays_clean():
+    before = _repo_entries()
+    yield
+    new = sorted(_repo_entries() - before)
+    # Name the topmost new paths only (a new folder, not every file in it).
+    top = [p for p in new if not any(p.startswith(q + os.sep) for q in new if q != p)]
+    if top:
+        pytest.fail(f"the test run created {len(new)} files/folders in the repository {ROOT}: "
+                    f"{', '.join(top[:10])}{' ...' if len(top) > 10 else ''}; tests must write to tmp_path "
+                    "(pass --run-dir / --out, or cwd=tmp_path)", pytrace=False)
