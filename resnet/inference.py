@@ -44,9 +44,10 @@ def _labeled_data(cfg: EvalConfig, meta: dict) -> tuple[np.ndarray, np.ndarray, 
 def check_output_folder(out: Path, flag: str = "--out") -> None:
     """Fail before any work when the output's folder is missing, is not a folder or takes no new files."""
     folder = out.parent
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {out}: {folder} is a file, not a folder")
     if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise ConfigError(f"{flag} {out}: the folder {folder} {what}; create it first")
+        raise ConfigError(f"{flag} {out}: the folder {folder} does not exist; create it first")
     if out.is_dir():
         raise ConfigError(f"{flag} {out}: is a folder; give a file name")
     # Try it: permission bits say nothing for root, on read-only mounts or in /proc, and the
