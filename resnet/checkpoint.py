@@ -158,6 +158,8 @@ def load_state(accelerator, run_dir: str | Path) -> dict[str, Any]:
         accelerator.load_state(str(state))
         return json.loads((state / TRAINER_FILE).read_text())
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch says "Error(s) in loading state_dict for ResNet:", then the mismatches: keep the first of them
+        first = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])
         raise CheckpointError(f"{state}: cannot resume from this state ({type(e).__name__}: {first[:300]}); "
                               f"was the run trained with another --model, --model-kwargs or optimizer?") from None

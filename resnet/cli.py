@@ -33,6 +33,8 @@ def run_script(cls: type[T], main: Callable[[T], object], description: str, argv
 def _fail(line: str, code: int, debug: bool) -> None:
     if debug:
         traceback.print_exc()
+    # One line even when the message quotes a library's multi-line text (pickle, YAML, torch errors).
+    line = " ".join(part.strip() for part in line.splitlines() if part.strip())
     # Flushed before exiting, so it comes before the CalledProcessError traceback accelerate launch adds.
     print(line, file=sys.stderr, flush=True)
     sys.exit(code)

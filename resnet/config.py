@@ -273,7 +273,8 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
     debug = args.pop("debug")
     values = {}
     recipe = args.pop("config", None)
-    if not recipe and args.get("resume"):
+    own_run = not recipe and bool(args.get("resume"))
+    if own_run:
         # Resuming repeats the run's own saved config; flags given now (e.g. --epochs) still win.
         recipe = str(Path(args["resume"]) / "config.yaml")
         if not Path(recipe).is_file():
@@ -283,6 +284,11 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
             values.update(load_recipe(cls, recipe))
         except ConfigError as e:
             parser.error(str(e))
+    if own_run:
+        # How the run was started, not settings: the folder is the one resumed now (it may have been moved
+        # or copied since), and a run started with --overwrite must still resume.
+        for name in ("run_dir", "resume", "overwrite"):
+            values.pop(name, None)
     values.update(args)
     return cls(**values), debug
 

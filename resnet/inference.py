@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,26 @@ def _labeled_data(cfg: EvalConfig, meta: dict) -> tuple[np.ndarray, np.ndarray, 
 
 
 def check_output_folder(out: Path, flag: str = "--out") -> None:
-    """Fail before any work when the output's folder is missing or is not a folder."""
+    """Fail before any work when the output's folder is missing, is not a folder or takes no new files."""
     folder = out.parent
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {out}: {folder} is a file, not a folder")
     if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise ConfigError(f"{flag} {out}: the folder {folder} {what}; create it first")
+        raise ConfigError(f"{flag} {out}: the folder {folder} does not exist; create it first")
     if out.is_dir():
         raise ConfigError(f"{flag} {out}: is a folder; give a file name")
+    # Try it: permission bits say nothing for root, on read-only mounts or in /proc, and the
+    # real write (a temporary sibling, renamed) comes only after all the work.
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {out}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be at least 1, got {batch_size}")
 
 
 def tta_level(requested: int | None, meta: dict, accelerator) -> int:
@@ -62,6 +76,7 @@ def tta_level(requested: int | None, meta: dict, accelerator) -> int:
 
 def run_evaluate(cfg: EvalConfig) -> dict:
     """Accuracy, loss, per-class accuracy and confusion matrix; printed, and saved as JSON + PNG."""
+    check_batch_size(cfg.batch_size)
     if cfg.out:
         check_output_folder(Path(cfg.out))
     model, meta, file = load_checkpoint(cfg.checkpoint)
@@ -133,6 +148,7 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
 
 def run_predict(cfg: PredictConfig) -> Path:
     """Write ``ID,Labels`` rows, one per id in input order, with integer class labels."""
+    check_batch_size(cfg.batch_size)
     out = Path(cfg.out)
     check_output_folder(out)
     data = load_custom_pickle(cfg.data, need_ids=True)

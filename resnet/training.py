@@ -186,10 +186,13 @@ def train(cfg: TrainConfig) -> dict:
     model = build_model(cfg)
     train_set, val_set = cifar10_splits(cfg.data_dir, cfg.val_split, cfg.seed, cfg.download, cfg.train_subset)
     n_params = count_parameters(model)
+    per_step = cfg.batch_size * accelerator.num_processes
+    if len(train_set.labels) < per_step:
+        raise ConfigError(f"--batch-size: {per_step} images per step ({accelerator.num_processes} x {cfg.batch_size}) "
+                          f"but only {len(train_set.labels)} training images (after --val-split {cfg.val_split}); "
+                          f"lower --batch-size, got {cfg.batch_size}")
     train_loader = make_train_loader(cfg, accelerator, train_set)
     run_dir = prepare_run_dir(cfg, accelerator)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -228,6 +231,9 @@ def train(cfg: TrainConfig) -> dict:
         metrics.truncate_after(trainer["epoch"])
         if trainer["epoch"] >= cfg.epochs:
             accelerator.print(f"{run_dir} already finished {trainer['epoch']} epochs; pass --epochs N to train longer")
+    if accelerator.is_main_process:
+        # After a resume has loaded its state: one that cannot (another --model-kwargs) leaves config.yaml as it was.
+        save_config(cfg, run_dir / "config.yaml")
     start_epoch, skip = resume_position(trainer, steps_per_epoch, global_batch)
     carry = trainer.get("partial") if skip else None
 
