@@ -163,3 +163,24 @@ def test_worker_loader_with_timm_policies(cifar_dir, tmp_path):
                    "--auto-augment", "rand-m9-mstd0.5", "--random-erasing", "0.25", "--cutout", "4",
                    "--lookahead", "--tta", "2")
     assert "epoch 1/1" in proc.stdout and (tmp_path / "r" / "best.safetensors").is_file()
+
+
+def test_evaluate_and_predict_default_to_the_runs_own_tta_level(trained_run, cifar_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from resnet.checkpoint import read_meta
+
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = read_meta(trained_run / "best.safetensors")
+    assert meta["tta"] == 0  # the fixture validated without TTA
+    save_file(load_file(str(trained_run / "best.safetensors")), str(run / "best.safetensors"),
+              metadata={"resnet": json.dumps({**meta, "tta": 2})})  # as if trained with --tta 2
+    proc = run_cli("evaluate.py", "--checkpoint", str(run), "--data-dir", str(cifar_dir), "--wandb", "off",
+                   config=None)
+    assert "test-time augmentation level 2 (the run's own validation setting)" in proc.stdout
+    assert json.loads((run / "eval_test_tta2.json").read_text())["tta"] == 2
+    write_custom_pickle(tmp_path / "t.pkl", "rows", n=12)
+    proc = run_cli("predict.py", "--data", str(tmp_path / "t.pkl"), "--out", str(tmp_path / "s.csv"),
+                   "--checkpoint", str(run), "--tta", "0", config=None)
+    assert "test-time augmentation level 0 (as asked)" in proc.stdout

@@ -54,6 +54,8 @@ def test_every_sweep_parameter_is_a_train_py_flag(path):
             parsed = vars(parser.parse_args([arg]))  # unknown flag or bad value: SystemExit
             if parsed.get("config") is None:
                 parsed.pop("config")  # --config defaults to None; field flags are absent unless given
+            if parsed.get("debug") is False:
+                parsed.pop("debug")  # likewise --debug (a switch of the scripts, not a config field)
             assert len(parsed) == 1, arg
             dest, got = next(iter(parsed.items()))
             assert dest in FIELDS | {"config"}, arg

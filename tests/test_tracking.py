@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from resnet.config import ConfigError
 from resnet.tracking import MetricsLog, resolve_wandb_mode
 
 
@@ -29,9 +30,19 @@ def test_auto_is_online_with_a_key_or_netrc(no_wandb_login, monkeypatch):
 
 def test_explicit_modes_and_user_env_win(no_wandb_login, monkeypatch):
     assert resolve_wandb_mode("off") == "off"
-    assert resolve_wandb_mode("online") == "online"
+    assert resolve_wandb_mode("offline") == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode("auto") == "off"
+
+
+def test_online_without_credentials_is_refused_up_front(no_wandb_login, monkeypatch):
+    with pytest.raises(ConfigError, match="--wandb online: no W&B credentials found"):
+        resolve_wandb_mode("online")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(ConfigError, match="WANDB_MODE=online: no W&B credentials found"):
+        resolve_wandb_mode("auto")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("online") == resolve_wandb_mode("auto") == "online"
 
 
 def test_metrics_csv_appends_truncates_and_plots(tmp_path: Path):
