@@ -330,6 +330,9 @@ def safe_load_pickle(path: str | Path, max_bytes: int = MAX_PICKLE_BYTES, max_op
     try:
         return _ArrayUnpickler(raw, max_ops).load()
     except _Refused as e:
+        # A text file (a CSV, say) reads as old protocol-0 opcodes that "load a name": say what it is instead.
+        if str(e).startswith("refused to load") and raw[0] != 0x80 and _what_file(raw).startswith("text"):
+            raise DataError(f"{path}: not a pickle file: expected a Python pickle, found {_what_file(raw)}") from None
         raise DataError(f"{path}: {_one_line(e, 300)}") from None
     except Exception as e:  # corrupt, truncated, not a pickle; MemoryError/RecursionError/OverflowError too
         found = f"{type(e).__name__}: {_one_line(e)}" if str(e) else type(e).__name__

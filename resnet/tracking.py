@@ -72,7 +72,8 @@ def wandb_run_id(run_dir: Path, create: bool = True) -> str | None:
         return None
     from wandb.sdk.lib.runid import generate_id
 
-    run_id = generate_id()
+    # A sweep agent names the run it launched in WANDB_RUN_ID: that run must be the one we log to.
+    run_id = os.environ.get("WANDB_RUN_ID") or generate_id()
     atomic_write_text(path, run_id)
     return run_id
 

@@ -135,7 +135,7 @@ class Case:
     setup: Callable[[Path, Path], None] | None = None
     needs_run: bool = False  # gets ./run, a private copy of the session's trained run folder
     env: dict = field(default_factory=dict)
-    xfail: str | None = None  # reason, for a fix that belongs to another branch's file
+    xfail: str | None = None  # reason, for a known gap (strict: it fails once fixed)
     debug: bool = False
 
 
@@ -156,21 +156,19 @@ SHARED = ("--data-dir", "{data}")
 CKPT = ("--checkpoint", RUN)
 # evaluate.py --split val reads the same training batches as train.py, at half its start-up cost
 VAL = ("--split", "val", *CKPT, *DATA)
-DUP_IDS_XFAIL = "data.py (another branch) does not check custom pickle ids for duplicates yet"
-
 CASES = [
     # --- CIFAR-10 training batches (data_batch_N in a copy of the synthetic folder)
     T("train-data-folder-missing", ("--data-dir", "nowhere"),
       ("nowhere/cifar-10-batches-py", "not found", "data_batch_1")),
     T("train-data-folder-empty", DATA, ("data/cifar-10-batches-py", "not found", "data_batch_1"),
       setup=mkdir(f"data/{BATCHES}")),
-    T("train-batch-truncated", DATA, ("data_batch_1", "not a readable pickle"),
+    T("train-batch-truncated", DATA, ("data_batch_1", "truncated or corrupt pickle", "expected a complete Python pickle"),
       setup=data_copy(lambda f: cut_in_half(f / "data_batch_1"))),
     T("train-batch-wrong-dtype", DATA, ("data_batch_1", "'data'", "uint8", "float32"),
       setup=data_copy(batch_with(rows=lambda r: r.astype(np.float32)))),
-    E("evaluate-val-batch-empty", VAL, ("data_batch_2", "not a readable pickle", "EOFError"), needs_run=True,
+    E("evaluate-val-batch-empty", VAL, ("data_batch_2", "empty file (0 bytes)", "expected a Python pickle"), needs_run=True,
       setup=data_copy(lambda f: (f / "data_batch_2").write_bytes(b""))),
-    E("evaluate-val-batch-corrupt", VAL, ("data_batch_3", "not a readable pickle"), needs_run=True,
+    E("evaluate-val-batch-corrupt", VAL, ("data_batch_3", "not a pickle file", "expected a Python pickle", "found binary data"), needs_run=True,
       setup=data_copy(lambda f: (f / "data_batch_3").write_bytes(np.random.default_rng(0).bytes(5000)))),
     E("evaluate-val-batch-wrong-shape", VAL, ("data_batch_1", "'data'", "(N, 3072) or (N, 32, 32, 3)", "(80, 1024)"),
       needs_run=True, setup=data_copy(batch_with(rows=lambda r: r[:, :1024].copy()))),
@@ -216,24 +214,24 @@ CASES = [
       ("--resume", RUN, "--epochs", "2", "--model-kwargs", '{"widths": [16, 32, 64]}'),
       ("run/state", "cannot resume", "size mismatch", "another --model"), needs_run=True),
     # --- custom pickles
-    P("predict-data-not-a-dict", ("--data", "list.pkl"), ("list.pkl", "expected a dict", "got list"),
+    P("predict-data-not-a-dict", ("--data", "list.pkl"), ("list.pkl", "expected a dict", "found a list of 3 items"),
       setup=write_pickle("list.pkl", [1, 2, 3])),
     P("predict-data-lacks-data", ("--data", "nodata.pkl"), ("nodata.pkl", "missing key 'data'", "'ids'"),
       setup=write_pickle("nodata.pkl", {"ids": np.arange(12)})),
     P("predict-data-lacks-ids", ("--data", "noids.pkl"), ("noids.pkl", "missing key 'ids'", "'data'"),
       setup=write_pickle("noids.pkl", {"data": _custom_dict()["data"]})),
-    P("predict-data-duplicated-ids", ("--data", "dup.pkl", *CKPT), ("dup.pkl", "ids", "duplicat"),
+    P("predict-data-duplicated-ids", ("--data", "dup.pkl", *CKPT), ("dup.pkl", "'ids'", "expected a unique id per image", "found id 3 2 times"),
       setup=write_pickle("dup.pkl", _custom_dict(ids=np.array([1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11]))),
-      needs_run=True, xfail=DUP_IDS_XFAIL),
+      needs_run=True),
     P("predict-data-ids-length-mismatch", ("--data", "short.pkl"),
-      ("short.pkl", "'ids'", "one id per image (12)", "(11,)"),
+      ("short.pkl", "'ids'", "one id per image (12)", "found 11 ids"),
       setup=write_pickle("short.pkl", _custom_dict(ids=np.arange(11)))),
     P("predict-data-runs-code", ("--data", "evil.pkl"), ("evil.pkl", "refused to load", "only numpy arrays"),
       setup=write_pickle("evil.pkl", _RunsCode())),
     P("predict-data-runs-code-nested", ("--data", "evil.pkl"), ("evil.pkl", "refused to load", "only numpy arrays"),
       setup=write_pickle("evil.pkl", _custom_dict(ids=_RunsCode()))),
-    P("predict-data-is-png", ("--data", "image.png"), ("image.png", "not a readable pickle"), setup=png("image.png")),
-    P("predict-data-is-text", ("--data", "notes.txt"), ("notes.txt", "not a readable pickle"),
+    P("predict-data-is-png", ("--data", "image.png"), ("image.png", "not a pickle file", "found a PNG image"), setup=png("image.png")),
+    P("predict-data-is-text", ("--data", "notes.txt"), ("notes.txt", "not a pickle file", "found text"),
       setup=write_text("notes.txt", "id,label\n1,cat\n2,dog\n")),
     E("evaluate-data-lacks-labels", ("--data", "test.pkl", *CKPT), ("test.pkl", "missing key 'labels'"),
       setup=custom(), needs_run=True),
@@ -380,9 +378,9 @@ def test_debug_shows_the_traceback(pool):
     out: Outcome = pool[1][DEBUG_CASE.id].result()
     assert out.proc.returncode == 2
     assert "Traceback (most recent call last)" in out.proc.stderr
-    assert "resnet.data.DataError: missing.pkl: file not found" in out.proc.stderr
+    assert "resnet.data.DataError: missing.pkl: file not found; expected a pickle file" in out.proc.stderr
     last = [line for line in out.proc.stderr.splitlines() if line.strip()][-1]
-    assert last == "error: missing.pkl: file not found"
+    assert last == "error: missing.pkl: file not found; expected a pickle file"
     assert error_lines(out.proc) == [last]
     assert out.new == [] and out.changed == []
 
