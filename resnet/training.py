@@ -122,8 +122,7 @@ def prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
 
 
 def _unique_run_dir(cfg: TrainConfig) -> Path:
-    act = cfg.activation or cfg.model_kwargs.get("activation", "default")
-    base = f"runs/{cfg.model}-{act}-{cfg.opt}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = f"runs/{cfg.model}-{activation_of(config_to_dict(cfg))}-{cfg.opt}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(1, 1000):
         path = Path(base if n == 1 else f"{base}-{n}")
         try:
@@ -186,12 +185,7 @@ def train(cfg: TrainConfig) -> dict:
     model = build_model(cfg)
     train_set, val_set = cifar10_splits(cfg.data_dir, cfg.val_split, cfg.seed, cfg.download, cfg.train_subset)
     n_params = count_parameters(model)
-    per_step = cfg.batch_size * accelerator.num_processes
-    if len(train_set.labels) < per_step:
-        raise ConfigError(f"--batch-size: {per_step} images per step ({accelerator.num_processes} x {cfg.batch_size}) "
-                          f"but only {len(train_set.labels)} training images (after --val-split {cfg.val_split}); "
-                          f"lower --batch-size, got {cfg.batch_size}")
-    train_loader = make_train_loader(cfg, accelerator, train_set)
+    train_loader = make_train_loader(cfg, accelerator, train_set)  # too few images for a batch: ConfigError
     run_dir = prepare_run_dir(cfg, accelerator)
 
     if cfg.channels_last:

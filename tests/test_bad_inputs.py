@@ -201,7 +201,7 @@ CASES = [
     T("train-mix-prob-negative", ("--mix-prob", "-0.1", "--mixup", "0.2", *SHARED),
       ("--mix-prob", "probability in [0, 1]", "got -0.1")),
     T("train-batch-larger-than-data", ("--batch-size", "512", *SHARED),
-      ("--batch-size", "only 300 training images", "got 512")),
+      ("--batch-size", "300 training images cannot fill one batch of 512", "lower --batch-size")),
     T("train-wandb-online-without-login", ("--wandb", "online", *SHARED),
       ("--wandb online", "no W&B credentials"),
       env={"WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": "."}),
