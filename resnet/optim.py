@@ -105,7 +105,10 @@ class MuonSGD(torch.optim.Optimizer):
             if group["muon"]:
                 for p in params:
                     p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
                 muon_update(params, [p.grad for p in params], bufs, lr=group["lr"], weight_decay=0.0,
                             momentum=group["muon_momentum"], nesterov=True, ns_steps=group["ns_steps"],
                             ns_coefficients="original", eps=1e-7, safety_factor=1.0, adjust_lr_fn=None,
