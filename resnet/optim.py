@@ -22,7 +22,8 @@ def per_1024_images(value: float, global_batch: int) -> float:
 
     With coupled decay (SGD) and decoupled decay as torch's AdamW applies it (lr x wd per step) the
     shrink per step grows the same way, so the decay per image also stays fixed: the batch size can
-    change without retuning either. airbench states lr and wd per 1024 images for this reason.
+    change without retuning either. airbench states lr and wd per 1024 images for this reason. Linear
+    in the batch is SGD's rule; for Adam(W) a square root is the more usual one.
     """
     return value * global_batch / 1024
 
@@ -80,7 +81,7 @@ class MuonSGD(torch.optim.Optimizer):
     A Muon group's filter banks are flattened to (out, in*kh*kw) and their Nesterov momentum update is
     orthogonalised by timm's Newton-Schulz iteration (3 steps of Keller Jordan's original coefficients,
     no shape-based lr adjustment, as airbench); before each update every filter bank is rescaled to
-    Frobenius norm sqrt(out channels), airbench's stand-in for weight decay (a BatchNorm follows each
+    Frobenius norm sqrt(out channels), as airbench does in place of weight decay (a BatchNorm follows each
     conv, so the scale of the filters changes nothing but the effective step size). One optimizer, so the
     loop, the schedule, Accelerate and checkpoints treat it like any other.
     """
