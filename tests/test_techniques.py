@@ -161,7 +161,7 @@ def test_lr_per_1024_images_scales_with_the_global_batch():
 
 @pytest.mark.slow
 def test_lr_unit_image1024_reaches_the_optimizer(cifar_dir, tmp_path):
-    out = _train([*TINY_RUN, "--data-dir", str(cifar_dir), "--wandb", "off", "--epochs", "1", "--batch-size", "30",
+    out = _train([*FOUR_STEPS, "--data-dir", str(cifar_dir), "--epochs", "1",
                   "--lr-unit", "image1024", "--lr", "2.0", "--warmup-epochs", "0", "--min-lr-ratio", "1",
                   "--run-dir", str(tmp_path / "r")])
     assert out["lr"] == pytest.approx(2.0 * 30 / 1024)  # the schedule is flat here: the peak lr is all there is
@@ -294,8 +294,8 @@ def _train(args: list[str]) -> dict:
     return training.train(parse_config(TrainConfig, args))
 
 
-# 300 training images at batch 30: 10 steps per epoch.
-TEN_STEPS = [*TINY_RUN, "--batch-size", "30", "--wandb", "off"]
+# 120 training images at batch 30: 4 steps per epoch.
+FOUR_STEPS = [*TINY_RUN, "--batch-size", "30", "--train-subset", "120", "--wandb", "off"]
 
 
 @pytest.mark.slow
@@ -308,16 +308,16 @@ def test_fractional_epochs_cut_the_last_epoch_and_end_on_the_lookahead_ema(cifar
             made.append(self)
 
     monkeypatch.setattr(training, "LookaheadEMA", Recorded)
-    out = _train([*TEN_STEPS, "--data-dir", str(cifar_dir), "--epochs", "1.5", "--schedule", "linear", "--lr", "0.1",
-                  "--min-lr-ratio", "0.07", "--lookahead-ema", "2", "--lookahead-ema-start", "0.5",
+    out = _train([*FOUR_STEPS, "--data-dir", str(cifar_dir), "--epochs", "1.5", "--schedule", "linear", "--lr", "0.1",
+                  "--min-lr-ratio", "0.07", "--lookahead-ema", "4", "--lookahead-ema-start", "0.5",
                   "--run-dir", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
-    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "10"), ("2", "15")]  # 1 full + half an epoch
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "4"), ("2", "6")]  # 1 full + half an epoch
     assert float(rows[-1]["lr"]) == pytest.approx(0.1 * 0.07)  # the schedule ends where the steps end
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["finished"] and summary["epochs"] == 1.5
     assert "val_acc" in rows[-1]
-    # Step 15 is not an EMA step, yet the run ends on the EMA: the epoch's end synced the weights to it.
+    # Step 6 is not an EMA step (every 4), yet the run ends on the EMA: the epoch's end synced the weights to it.
     (la,) = made
     state = out["model"].state_dict()
     for name, ema in la.ema.items():
@@ -434,7 +434,7 @@ def test_whitening_bias_freezes_after_its_epochs_and_bn_scales_stay_one(cifar_di
         return out
 
     monkeypatch.setattr(training, "train_one_epoch", record)
-    _train([*TEN_STEPS, "--data-dir", str(cifar_dir), "--epochs", "3", "--stem", "whiten", "--bn-frozen-weight",
+    _train([*FOUR_STEPS, "--data-dir", str(cifar_dir), "--epochs", "3", "--stem", "whiten", "--bn-frozen-weight",
             "--dirac", "--whiten-bias-epochs", "2", "--opt", "nesterov", "--lr", "0.2", "--norm-bias-lr-scale", "8",
             "--run-dir", str(tmp_path)])
     filters, bias = [s["stem.0.weight"] for s in seen], [s["stem.0.bias"] for s in seen]
@@ -453,7 +453,7 @@ def test_whitening_bias_freezes_after_its_epochs_and_bn_scales_stay_one(cifar_di
 
 @pytest.mark.slow
 def test_a_stop_in_the_cut_last_epoch_resumes_exactly_with_every_technique_on(cifar_dir, tmp_path, monkeypatch):
-    args = [*TEN_STEPS, "--data-dir", str(cifar_dir), "--epochs", "1.5", "--stem", "whiten", "--bn-frozen-weight",
+    args = [*FOUR_STEPS, "--data-dir", str(cifar_dir), "--epochs", "1.5", "--stem", "whiten", "--bn-frozen-weight",
             "--dirac", "--opt", "muon", "--lr", "2", "--lr-unit", "image1024", "--norm-bias-lr-scale", "64",
             "--whiten-bias-epochs", "1.2", "--lookahead-ema", "2", "--lookahead-ema-start", "0.5", "--flip",
             "alternate", "--schedule", "linear", "--warmup-epochs", "0.3", "--min-lr-ratio", "0.07"]
@@ -472,7 +472,7 @@ def test_a_stop_in_the_cut_last_epoch_resumes_exactly_with_every_technique_on(ci
     assert (trainer["epoch"], trainer["step_in_epoch"]) == (1, 1)
     monkeypatch.setattr(training, "train_one_epoch", real)
     resumed = _train(["--resume", str(tmp_path / "b")])
-    assert (resumed["epoch"], resumed["step"]) == (straight["epoch"], straight["step"]) == (2, 15)
+    assert (resumed["epoch"], resumed["step"]) == (straight["epoch"], straight["step"]) == (2, 6)
     a, b = load_file(str(tmp_path / "a/last.safetensors")), load_file(str(tmp_path / "b/last.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
