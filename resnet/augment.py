@@ -34,6 +34,22 @@ def batch_flip(x: torch.Tensor, p: float, gen: torch.Generator, dim: int = -1) -
     return torch.where(_per_image(_chance(len(x), p, gen, x.device)), x.flip(dim), x)
 
 
+def alternating_flip_half(n: int, seed: int) -> torch.Tensor:
+    """The fixed random half of ``batch_alternating_flip``: (n,) bool on the CPU, one coin per image, from ``seed``."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+
+def batch_alternating_flip(x: torch.Tensor, half: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's every-other-epoch flip: mirror the images whose fixed coin ``half`` (N,) is set on even
+    epochs and the others on odd epochs.
+
+    Each image is then seen both ways in any two consecutive epochs, where an independent coin per epoch
+    shows half of them the same way twice: more distinct views in a short run. ``half`` must follow the
+    image: index the run's coins (``alternating_flip_half``) with the batch's dataset indices.
+    """
+    return torch.where(_per_image(half.to(x.device) ^ bool(epoch % 2)), x.flip(-1), x)
+
+
 def batch_translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """Shift each image by up to ``pad`` pixels per axis: reflect-pad, then crop at a random offset."""
     if pad <= 0:

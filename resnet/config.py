@@ -38,30 +38,68 @@ class TrainConfig:
     activation: str | None = knob(None, "activation override for the model", choices=sorted(ACTIVATIONS))
     channels_last: bool = knob(True, "NHWC memory layout (faster convs on CPU and tensor cores)")
     compile: bool = knob(False, "torch.compile the model (one-time compile cost, then faster steps on GPU)")
+    # airbench's model-side techniques; unset = the net's own choice (saved with the weights, as --model-kwargs)
+    stem: str | None = knob(None, "first layer: conv, or whiten = airbench's 2x2 conv fitted to the training "
+                                  "images' patch covariance, filters frozen (default: the net's own)",
+                            choices=["conv", "whiten"])
+    bn_momentum: float | None = knob(None, "BatchNorm running-stats momentum, PyTorch's convention: the weight of "
+                                           "each new batch (airbench's 0.6 is 0.4 here; default: the net's own, 0.1)")
+    bn_eps: float | None = knob(None, "BatchNorm eps (default: the net's own, PyTorch's 1e-5; airbench 1e-12)")
+    bn_frozen_weight: bool | None = knob(None, "fix every BatchNorm scale at 1, untrained (airbench; "
+                                               "default: the net's own)")
+    dirac: bool | None = knob(None, "identity-initialise every conv's first in-channels filters, an implicit residual "
+                                    "at the start (airbench; default: the net's own)")
+    head_scale: str | None = knob(None, "multiply the logits by a number, a fraction like 1/9, or 1/width = 1 / "
+                                        "features into the head (default: the net's own: 1/9 for resnet_airbench_*, "
+                                        "else 1)")
     # --- optimisation
-    opt: str = knob("sgd", "optimizer", choices=["sgd", "nesterov", "adam", "adamw"])
-    lr: float | None = knob(None, "peak learning rate (default: sgd/nesterov 0.1, adam 1e-3, adamw 2e-3)")
+    opt: str = knob("sgd", "optimizer; muon = Muon on conv filters, Nesterov SGD on the rest (airbench94_muon)",
+                    choices=["sgd", "nesterov", "adam", "adamw", "muon"])
+    lr: float | None = knob(None, "peak learning rate, in lr-unit terms (default: sgd/nesterov 0.1, adam 1e-3, "
+                                  "adamw 2e-3; muon: its SGD part 0.1)")
+    lr_unit: str = knob("batch", "what --lr is per: batch = the optimizer's lr as given; image1024 = per 1024 "
+                                 "images, the optimizer gets lr x global batch / 1024, so the decay per image (lr x wd "
+                                 "per step) stays fixed too and the batch size changes without retuning (airbench's)",
+                        choices=["batch", "image1024"])
+    norm_bias_lr_scale: float = knob(1.0, "lr multiplier for norm-layer biases (airbench: 64, with frozen BN scales)")
     weight_decay: float | None = knob(None, "L2 / decoupled weight decay, not applied to norms and biases "
                                            "(default: sgd/nesterov 5e-4, adam 0, adamw 0.05)")
     momentum: float = knob(0.9, "SGD momentum")
-    epochs: int = knob(40, "training epochs")
+    muon_lr: float = knob(0.24, "--opt muon: peak lr of the conv filters (orthogonalised steps, so not scaled "
+                                "by --lr-unit)")
+    muon_momentum: float = knob(0.6, "--opt muon: Nesterov momentum of the conv filters (--momentum is the SGD part's)")
+    epochs: float = knob(40.0, "training epochs; fractions allowed (9.9 = 9 full epochs, then the first 90%% of "
+                               "the steps of a 10th)")
     batch_size: int = knob(256, "images per optimizer step on each process (global batch = this x processes)")
     lr_scale: str = knob("none", "scale --lr with the process count: linear (x N) or sqrt (x sqrt N)",
                          choices=["none", "linear", "sqrt"])
     sync_bn: bool = knob(False, "synchronise BatchNorm statistics across processes (small per-process batches)")
+    schedule: str = knob("cosine", "lr after the warm-up: cosine or linear (airbench) down to --min-lr-ratio at "
+                                   "the end", choices=["cosine", "linear"])
     warmup_epochs: float = knob(1.0, "linear warm-up from warmup_lr_ratio*lr, in epochs (fractions allowed)")
     warmup_lr_ratio: float = knob(0.01, "warm-up start lr as a fraction of the peak lr")
-    min_lr_ratio: float = knob(0.0, "cosine floor as a fraction of the peak lr")
+    min_lr_ratio: float = knob(0.0, "final lr (cosine floor, linear end) as a fraction of the peak lr")
+    whiten_bias_epochs: float = knob(3.0, "whitening stem: train its bias this many epochs, then freeze it "
+                                          "(airbench 3)")
     label_smoothing: float = knob(0.1, "label smoothing of the cross-entropy target (0 = off)")
     clip_grad: float = knob(0.0, "clip the global gradient norm to this value (0 = off)")
     ema_decay: float = knob(0.0, "EMA of weights with this decay per step, e.g. 0.999 (0 = off); "
                                  "validation and checkpoints use the EMA weights when on")
     lookahead: bool = knob(False, "wrap the optimizer in timm's Lookahead (k=6, alpha=0.5)")
+    lookahead_ema: int = knob(0, "airbench's lookahead-EMA every N steps (0 = off; airbench 5): the weights jump to an "
+                                 "EMA whose decay rises with progress, and become it at every epoch's end")
+    lookahead_ema_decay: float = knob(0.95, "lookahead-EMA decay per step: an update at progress p (0..1) uses "
+                                            "decay^N x p^power")
+    lookahead_ema_power: float = knob(3.0, "lookahead-EMA: power of the training progress in its decay")
+    lookahead_ema_start: float = knob(3.0, "lookahead-EMA: epochs before its first update")
     # --- augmentation (each one off at 0 / False; the defaults are our recipe, not the report's)
     crop_scale: float = knob(0.0, "random resized crop: smallest area fraction kept, e.g. 0.35 (0 = off)")
     crop_ratio: float = knob(0.75, "random resized crop: aspect ratio range [r, 1/r]")
     translate: int = knob(4, "random translation by up to N pixels (pad-and-crop; 0 = off)")
     hflip: float = knob(0.5, "probability of a horizontal flip")
+    flip: str = knob("random", "horizontal flips: random = a coin with --hflip per image and epoch; alternate = "
+                               "a fixed random half mirrored on even epochs, the other half on odd ones (airbench; "
+                               "--hflip unused)", choices=["random", "alternate"])
     vflip: float = knob(0.0, "probability of a vertical flip")
     rotation: float = knob(0.0, "random rotation, uniform in [-deg, +deg]")
     color_jitter: float = knob(0.0, "brightness/contrast/saturation jitter strength, e.g. 0.4 (0 = off)")
@@ -226,6 +264,8 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         value = int(number) if tp is int and number.is_integer() else number
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # head_scale: 0.5
     if tp is list and isinstance(value, str):
         return _parse_list(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

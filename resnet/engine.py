@@ -29,6 +29,8 @@ def train_one_epoch(
     start_step: int = 0,
     carry: dict | None = None,
     stop: Callable[[], bool] | None = None,
+    steps: int | None = None,
+    lookahead=None,
 ) -> dict:
     """One pass over ``loader``; the lr follows ``global_step`` (scheduler.step_update after each update).
 
@@ -36,6 +38,8 @@ def train_one_epoch(
     batches done; ``carry`` holds the sums so far over all ranks: give them to one rank only). After every step the loop checks ``stop()`` and that
     the loss is finite, agreed across processes; it then returns early with ``stopped`` or ``nonfinite``
     set and ``step_in_epoch`` = the steps done. ``train_sums`` lets the caller save a partial epoch.
+    ``steps`` ends the epoch after that many batches (the cut last epoch of a fractional --epochs);
+    ``lookahead`` (optim.LookaheadEMA) steps after every update and syncs the weights at the epoch's end.
     """
     model.train()
     device = accelerator.device
@@ -43,13 +47,13 @@ def train_one_epoch(
     loss_sum = torch.tensor(float(carry.get("loss_sum", 0.0)), device=device)
     correct = torch.tensor(int(carry.get("correct", 0)), device=device, dtype=torch.long)
     seen = int(carry.get("seen", 0))
-    total = len(loader)
+    total = len(loader) if steps is None else min(steps, len(loader))
     bar = tqdm(total=total, initial=start_step, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
     first_step = 0.0
     step, stopped, nonfinite = start_step, False, False
-    for x, y in loader:
+    for x, y in loader if step < total else ():
         target = y
         if mixup is not None:
             x, target = mixup(x, y)
@@ -65,6 +69,8 @@ def train_one_epoch(
         scheduler.step_update(global_step)
         if ema is not None:
             ema.update(model, step=global_step)
+        if lookahead is not None:
+            lookahead.step(global_step)
         # Accumulate on the device; only the one flag check below reads back from it each step.
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
@@ -79,9 +85,11 @@ def train_one_epoch(
         if accelerator.num_processes > 1:  # every rank must stop at the same step
             flags = accelerator.reduce(flags, reduction="sum")
         nonfinite, stopped = (bool(v > 0) for v in flags.tolist())
-        if nonfinite or (stopped and step < total):
+        if nonfinite or (stopped and step < total) or step >= total:
             break
     bar.close()
+    if lookahead is not None and step >= total and not nonfinite:
+        lookahead.sync()
     elapsed = time.perf_counter() - start + float(carry.get("elapsed", 0.0))
     totals = accelerator.reduce(torch.stack([loss_sum.float(), correct.float(),
                                              torch.tensor(float(seen), device=device)]), reduction="sum")

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, get_worker_info
 
-from .augment import AugmentConfig, batch_cutout
+from .augment import AugmentConfig, alternating_flip_half, batch_alternating_flip, batch_cutout
 from .config import ConfigError
 
 
@@ -40,7 +40,12 @@ def derive_seed(*parts: int) -> int:
 
 
 # Streams derived from the run seed; the stream id comes right after it, so streams never share a seed.
-_ORDER, _BATCH_AUG, _IMAGE_AUG = range(3)
+_ORDER, _BATCH_AUG, _IMAGE_AUG, _FLIP_HALF = range(4)
+
+
+def flip_half(n: int, seed: int) -> torch.Tensor:
+    """The run's fixed half for ``--flip alternate``: one coin per training image, from the run seed only."""
+    return alternating_flip_half(n, derive_seed(seed, _FLIP_HALF))
 
 
 def check_fits(n: int, batch_size: int, world_size: int) -> None:
@@ -76,7 +81,9 @@ class DeviceLoader:
     Batches follow ``global_batch_indices`` (same global batches for any process count). Batch i of
     an epoch is augmented with a generator seeded by (seed, epoch, rank, i): ranks never share crops,
     and ``set_epoch(epoch, skip=k)`` yields exactly batches k.. of the full epoch without replaying
-    the first k. ``len`` is always the full number of batches per epoch.
+    the first k. ``len`` is always the full number of batches per epoch. With ``alternate_flip`` the
+    loader mirrors images by airbench's every-other-epoch scheme before ``augment`` (which should then
+    not flip): whether image i is mirrored in epoch e depends on (seed, i, e) only.
     """
 
     def __init__(
@@ -90,9 +97,11 @@ class DeviceLoader:
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = False,
+        alternate_flip: bool = False,
     ):
         check_fits(len(images), batch_size, world_size)
         self.images = to_chw_tensor(images).to(device)
+        self.flip_half = flip_half(len(images), seed).to(device) if alternate_flip else None
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
         self.batch_size, self.device, self.augment = batch_size, device, augment
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -120,7 +129,10 @@ class DeviceLoader:
             # Reseeding is host-side only (no device sync), and makes batch i independent of batches before it.
             self.generator.manual_seed(derive_seed(self.seed, _BATCH_AUG, epoch, self.rank, i))
             idx = batches[i]
-            x = self.augment(self.images[idx], self.generator)
+            x = self.images[idx]
+            if self.flip_half is not None:
+                x = batch_alternating_flip(x, self.flip_half[idx], epoch)
+            x = self.augment(x, self.generator)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
@@ -163,19 +175,25 @@ class ImageDataset(Dataset):
     """uint8 (N, H, W, C) images as PIL images through ``transform``, indexed by (index, epoch) pairs.
 
     Image i of epoch e is transformed with the global RNGs seeded by (seed, e, i), so its augmentation
-    does not depend on which worker process runs it or on what ran there before.
+    does not depend on which worker process runs it or on what ran there before. With
+    ``alternate_flip`` it is first mirrored as on the device path (``batch_alternating_flip``).
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, seed: int = 0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, seed: int = 0,
+                 alternate_flip: bool = False):
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
+        self.flip_half = flip_half(len(images), seed).numpy() if alternate_flip else None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         i, epoch = key
+        image = self.images[i]
+        if self.flip_half is not None and self.flip_half[i] != bool(epoch % 2):
+            image = np.ascontiguousarray(image[:, ::-1])
         with _seeded_global_rngs(derive_seed(self.seed, _IMAGE_AUG, epoch, i)):
-            x = self.transform(Image.fromarray(self.images[i]))
+            x = self.transform(Image.fromarray(image))
         return x, int(self.labels[i])
 
 
@@ -280,13 +298,15 @@ class WorkerLoader:
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = False,
+        alternate_flip: bool = False,
     ):
         check_fits(len(images), batch_size, world_size)
         self.sampler = GlobalBatchSampler(len(images), batch_size, world_size, rank, seed)
         self.device, self.channels_last = device, channels_last
+        dataset = ImageDataset(images, labels, transform, seed, alternate_flip)
         # A private generator: each pass DataLoader draws a worker base seed from it, which would
         # otherwise advance the global torch RNG (the images reseed per image anyway).
-        self.loader = DataLoader(ImageDataset(images, labels, transform, seed), batch_sampler=self.sampler,
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler,
                                  num_workers=workers, persistent_workers=workers > 0,
                                  pin_memory=device.type == "cuda", generator=torch.Generator())
 
@@ -310,7 +330,7 @@ class WorkerLoader:
 
 
 def worker_loader(accelerator, images: np.ndarray, labels: np.ndarray, batch_size: int, transform: Callable,
-                  workers: int, seed: int, channels_last: bool) -> WorkerLoader:
+                  workers: int, seed: int, channels_last: bool, alternate_flip: bool = False) -> WorkerLoader:
     """``WorkerLoader`` on the accelerator's device, sharded over its processes."""
     return WorkerLoader(images, labels, batch_size, accelerator.device, transform, workers, seed,
-                        accelerator.process_index, accelerator.num_processes, channels_last)
+                        accelerator.process_index, accelerator.num_processes, channels_last, alternate_flip)

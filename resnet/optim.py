@@ -1,56 +1,247 @@
-"""Optimizers (no weight decay on norms and biases) and timm's cosine schedule stepped per update."""
+"""Optimizers (no weight decay on norms and biases), lr schedules as functions of the step, airbench's
+Muon-plus-SGD optimizer and its lookahead-EMA."""
 from __future__ import annotations
+
+import math
 
 import torch
 from timm.optim import Lookahead
-from timm.scheduler import CosineLRScheduler
+from timm.optim.muon import muon as muon_update
 from torch import nn
+from torch.optim.sgd import sgd as sgd_update
 
-# Per-optimizer defaults used when --lr / --weight-decay are not given.
-DEFAULT_LR = {"sgd": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 2e-3}
-DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "nesterov": 5e-4, "adam": 0.0, "adamw": 0.05}
+from .models import WhiteningConv
+
+# Per-optimizer defaults used when --lr / --weight-decay are not given (for muon: its SGD part).
+DEFAULT_LR = {"sgd": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 2e-3, "muon": 0.1}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "nesterov": 5e-4, "adam": 0.0, "adamw": 0.05, "muon": 5e-4}
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay conv/linear weights only: decaying BN scales and biases hurts accuracy and buys nothing."""
-    decay, no_decay = [], []
+def per_1024_images(value: float, global_batch: int) -> float:
+    """A learning rate given per 1024 images as the optimizer's lr at ``global_batch`` (x global_batch / 1024).
+
+    With coupled decay (SGD) and decoupled decay as torch's AdamW applies it (lr x wd per step) the
+    shrink per step grows the same way, so the decay per image also stays fixed: the batch size can
+    change without retuning either. airbench states lr and wd per 1024 images for this reason. Linear
+    in the batch is SGD's rule; for Adam(W) a square root is the more usual one.
+    """
+    return value * global_batch / 1024
+
+
+def _norm_biases(model: nn.Module) -> set[int]:
+    return {id(m.bias) for m in model.modules()
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and m.bias is not None}
+
+
+def _whitening_biases(model: nn.Module) -> set[int]:
+    return {id(m.bias) for m in model.modules() if isinstance(m, WhiteningConv) and m.bias is not None}
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None, norm_bias_lr_scale: float = 1.0,
+                 whiten_bias_steps: int | None = None, muon_lr: float | None = None) -> list[dict]:
+    """Decay conv/linear weights only: decaying BN scales and biases hurts accuracy and buys nothing.
+
+    The first two groups are always (decayed weights, the rest). Further groups appear when asked for:
+    norm biases at lr x ``norm_bias_lr_scale`` (airbench: 64; it freezes the BN scales, so the biases
+    are all that trains there); the whitening stem's bias, trained for ``whiten_bias_steps`` updates
+    (``train_steps``, read by ``StepSchedule``); with ``muon_lr``, every trainable 4-D conv filter bank
+    in a group marked ``muon`` (the frozen whitening filters are not trainable, so never in it).
+    Frozen parameters (``requires_grad`` False) are in no group.
+    """
+    norm_biases, whiten_biases = _norm_biases(model), _whitening_biases(model)
+    base = {} if lr is None else {"lr": lr}
+    decay, plain, norm, whiten, filters = [], [], [], [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        if muon_lr is not None and p.ndim == 4:
+            filters.append(p)
+        elif id(p) in whiten_biases and whiten_bias_steps is not None:
+            whiten.append(p)
+        elif id(p) in norm_biases and norm_bias_lr_scale != 1.0:
+            norm.append(p)
+        else:
+            (plain if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, **base}, {"params": plain, "weight_decay": 0.0, **base}]
+    if norm:
+        if lr is None:
+            raise ValueError("param_groups: norm_bias_lr_scale needs the base lr")
+        groups.append({"params": norm, "weight_decay": 0.0, "lr": lr * norm_bias_lr_scale})
+    if whiten:
+        groups.append({"params": whiten, "weight_decay": 0.0, **base, "train_steps": whiten_bias_steps})
+    if filters:
+        groups.append({"params": filters, "weight_decay": 0.0, "lr": muon_lr, "muon": True})
+    return groups
+
+
+class MuonSGD(torch.optim.Optimizer):
+    """airbench94_muon's optimizer as one torch optimizer: Muon on the groups marked ``muon``, Nesterov
+    SGD (PyTorch's update rule, coupled weight decay) on the others.
+
+    A Muon group's filter banks are flattened to (out, in*kh*kw) and their Nesterov momentum update is
+    orthogonalised by timm's Newton-Schulz iteration (3 steps of Keller Jordan's original coefficients,
+    no shape-based lr adjustment, as airbench); before each update every filter bank is rescaled to
+    Frobenius norm sqrt(out channels), as airbench does in place of weight decay (a BatchNorm follows each
+    conv, so the scale of the filters changes nothing but the effective step size). One optimizer, so the
+    loop, the schedule, Accelerate and checkpoints treat it like any other.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.85, muon_momentum: float = 0.6, ns_steps: int = 3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=0.0, nesterov=True, muon=False))
+        for group in self.param_groups:
+            if group["muon"]:
+                group.setdefault("muon_momentum", muon_momentum)
+                group.setdefault("ns_steps", ns_steps)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["muon"]:
+                for p in params:
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
+                muon_update(params, [p.grad for p in params], bufs, lr=group["lr"], weight_decay=0.0,
+                            momentum=group["muon_momentum"], nesterov=True, ns_steps=group["ns_steps"],
+                            ns_coefficients="original", eps=1e-7, safety_factor=1.0, adjust_lr_fn=None,
+                            conv_mode="flatten", normalize_spatial=False, scale_eps=False)
+            else:
+                bufs = [self.state[p].get("momentum_buffer") for p in params]
+                sgd_update(params, [p.grad for p in params], bufs, weight_decay=group["weight_decay"],
+                           momentum=group["momentum"], lr=group["lr"], dampening=0.0,
+                           nesterov=group["nesterov"], maximize=False)
+                for p, buf in zip(params, bufs):  # sgd() creates the buffers on the first step
+                    self.state[p]["momentum_buffer"] = buf
+        return loss
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                     lookahead: bool = False) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
+                     lookahead: bool = False, norm_bias_lr_scale: float = 1.0, whiten_bias_steps: int | None = None,
+                     muon_lr: float = 0.24, muon_momentum: float = 0.6) -> torch.optim.Optimizer:
+    """The named optimizer over ``param_groups(model, ...)``; ``muon_lr`` / ``muon_momentum`` only for 'muon'."""
+    groups = param_groups(model, weight_decay, lr, norm_bias_lr_scale, whiten_bias_steps,
+                          muon_lr if name == "muon" else None)
     if name in ("sgd", "nesterov"):
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=name == "nesterov")
     elif name == "adam":
         opt = torch.optim.Adam(groups, lr=lr)
     elif name == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr)
+    elif name == "muon":
+        opt = MuonSGD(groups, lr=lr, momentum=momentum, muon_momentum=muon_momentum)
     else:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULT_LR)}")
     # Lookahead shares the base optimizer's param_groups, so the scheduler still sets the lr.
     return Lookahead(opt, alpha=0.5, k=6) if lookahead else opt
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                     warmup_lr_ratio: float, min_lr_ratio: float) -> CosineLRScheduler:
-    """Cosine decay over ``total_steps`` optimizer updates after a linear warm-up.
+class StepSchedule:
+    """Every param group's lr = (its lr when the schedule was built) x ``factor(step)``.
 
-    timm schedulers do not store their position: the caller calls ``step_update(global_step)``
-    after every update and after a resume, so the lr is a pure function of the step.
+    cosine: linear warm-up from ``warmup_lr_ratio`` to 1 over ``warmup_steps``, then cosine down to
+    ``min_lr_ratio`` at ``total_steps`` (timm's CosineLRScheduler, but relative per group, so a group
+    at 64x the lr warms up and decays at 64x). linear: the same warm-up, then a straight line down to
+    ``min_lr_ratio`` at ``total_steps`` (airbench94: 0.2 -> 1 over the first 23% of training, -> 0.07).
+    A group with ``train_steps`` gets lr 0 from that step on (the whitening bias), which stops it
+    exactly, momentum and weight decay included. The schedule stores no position: the caller calls
+    ``step_update(global_step)`` after every update and after a resume.
     """
-    peak = optimizer.param_groups[0]["lr"]
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=max(total_steps - warmup_steps, 1),
-        lr_min=peak * min_lr_ratio,
-        warmup_t=warmup_steps,
-        warmup_lr_init=peak * warmup_lr_ratio,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_lr_ratio: float,
+                 min_lr_ratio: float, kind: str = "cosine"):
+        if kind not in ("cosine", "linear"):
+            raise ValueError(f"unknown schedule {kind!r}; expected 'cosine' or 'linear'")
+        self.optimizer, self.kind = optimizer, kind
+        self.total, self.warmup = max(total_steps, 1), max(warmup_steps, 0)
+        self.start, self.floor = warmup_lr_ratio, min_lr_ratio
+        # The lr a group had when the first schedule saw it (as timm and torch keep it): a schedule built
+        # again, or before a resume loads the saved mid-schedule lrs, starts from the same peak.
+        self.base = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        self.stops = [g.get("train_steps") for g in optimizer.param_groups]
+
+    def factor(self, step: int) -> float:
+        """The lr multiplier after ``step`` updates."""
+        if step < self.warmup:
+            return self.start + (1 - self.start) * step / self.warmup
+        t, span = step - self.warmup, max(self.total - self.warmup, 1)
+        if t >= span:
+            return self.floor
+        if self.kind == "linear":
+            return 1 + (self.floor - 1) * t / span
+        return self.floor + 0.5 * (1 - self.floor) * (1 + math.cos(math.pi * t / span))
+
+    def step_update(self, step: int) -> None:
+        f = self.factor(step)
+        for group, base, stop in zip(self.optimizer.param_groups, self.base, self.stops):
+            group["lr"] = 0.0 if stop is not None and step >= stop else base * f
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_lr_ratio: float,
+                     min_lr_ratio: float, kind: str = "cosine") -> StepSchedule:
+    """``StepSchedule`` over ``total_steps`` optimizer updates, set to step 0."""
+    scheduler = StepSchedule(optimizer, total_steps, warmup_steps, warmup_lr_ratio, min_lr_ratio, kind)
     scheduler.step_update(0)
     return scheduler
+
+
+class LookaheadEMA:
+    """airbench94's lookahead-EMA: every ``every`` updates after ``start_step``, the EMA moves toward the
+    weights and the weights jump to the EMA; at the end of each epoch the weights are set to the EMA.
+
+    The decay of an update at global step s is ``decay ** every * (s / total_steps) ** power``: it rises
+    with training progress, so the weights move freely early and are averaged strongly at the end. The
+    first due step only takes the copy. Every floating-point entry of the state dict takes part,
+    BatchNorm running statistics included, as in airbench. Distinct from ``--lookahead`` (timm's
+    Lookahead, a fixed alpha every k steps). Registered for checkpointing, so a resumed run continues
+    with the same average.
+    """
+
+    def __init__(self, model: nn.Module, every: int, decay: float, power: float, start_step: int, total_steps: int):
+        self.model, self.every, self.decay, self.power = model, every, decay, power
+        self.start_step, self.total_steps = start_step, max(total_steps, 1)
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    def _pairs(self):
+        state = self.model.state_dict()
+        return [(self.ema[k], state[k]) for k in self.ema]
+
+    def rho(self, step: int) -> float:
+        return self.decay ** self.every * (step / self.total_steps) ** self.power
+
+    @torch.no_grad()
+    def step(self, global_step: int) -> None:
+        """Call after every optimizer update, with the number of updates done so far."""
+        if global_step <= self.start_step or global_step % self.every:
+            return
+        if self.ema is None:
+            self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items() if v.is_floating_point()}
+            return
+        self._move(1 - self.rho(global_step))
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """The weights become the EMA (airbench copies them back at the end of every epoch)."""
+        if self.ema is not None:
+            self._move(0.0)
+
+    def _move(self, weight: float) -> None:
+        for ema, live in self._pairs():
+            ema.lerp_(live.to(ema.dtype), weight)
+            live.copy_(ema)
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        ema = state.get("ema")
+        live = self.model.state_dict()
+        self.ema = None if ema is None else {k: v.to(live[k].device, live[k].dtype) for k, v in ema.items()}

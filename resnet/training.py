@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import shutil
 import time
 from pathlib import Path
@@ -15,15 +16,15 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from . import checkpoint as ckpt
-from .augment import AugmentConfig, BatchAugment
+from .augment import AugmentConfig, BatchAugment, normalize
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .distributed import create_accelerator, scaled_lr
 from .data import CLASSES, MEAN, STD, cifar10_splits
 from .engine import confusion_matrix, evaluate, train_one_epoch
 from .interrupt import StopRequest, Stopped
-from .loader import DeviceLoader, eval_loader, per_image_transform, worker_loader
-from .models import count_parameters, create_model, list_models
-from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, create_optimizer, create_scheduler
+from .loader import DeviceLoader, eval_loader, per_image_transform, to_chw_tensor, worker_loader
+from .models import count_parameters, create_model, has_whitening, list_models, parse_head_scale
+from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, LookaheadEMA, create_optimizer, create_scheduler, per_1024_images
 from .identity import activation_of, run_group, run_name
 from .tracking import (MetricsLog, define_wandb_metrics, environment_info, print_sync_hint, resolve_wandb_mode,
                        wandb_class_report, wandb_image_grid, wandb_init_kwargs, wandb_row, wandb_run_id)
@@ -35,7 +36,7 @@ def check_config(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"--{flag.replace('_', '-')}: {what}, got {getattr(cfg, flag)!r}")
 
-    need(cfg.epochs >= 1, "epochs", "must be at least 1")
+    need(cfg.epochs > 0, "epochs", "must be positive")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.eval_every >= 1, "eval_every", "must be at least 1")
     need(cfg.lr is None or cfg.lr > 0, "lr", "must be positive")
@@ -61,21 +62,51 @@ def check_config(cfg: TrainConfig) -> None:
          f"differs from --resume {cfg.resume}; a resumed run stays in its own folder")
     for name in ("auto_augment", "random_erasing"):
         need(cfg.loader == "workers" or not getattr(cfg, name), name, "is per-image: add --loader workers")
+    check_techniques(cfg, need)
+
+
+def check_techniques(cfg: TrainConfig, need) -> None:
+    """The airbench / Muon options (issue 9)."""
+    need(cfg.bn_momentum is None or 0 <= cfg.bn_momentum <= 1, "bn_momentum", "must be in [0, 1]")
+    need(cfg.bn_eps is None or cfg.bn_eps > 0, "bn_eps", "must be positive")
+    try:
+        ok = cfg.head_scale is None or parse_head_scale(cfg.head_scale) > 0
+    except ValueError:
+        ok = False
+    need(ok, "head_scale", "expected a positive number, a fraction like 1/9, or 1/width")
+    need(cfg.norm_bias_lr_scale >= 0, "norm_bias_lr_scale", "must not be negative")
+    need(cfg.lr_unit == "batch" or cfg.lr is not None, "lr_unit",
+         "image1024 needs an explicit --lr (the defaults are per batch)")
+    need(cfg.lr_unit == "batch" or cfg.lr_scale == "none", "lr_scale",
+         "must be none with --lr-unit image1024, which already scales with the global batch")
+    need(cfg.muon_lr > 0, "muon_lr", "must be positive")
+    need(0 <= cfg.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
+    need(cfg.whiten_bias_epochs >= 0, "whiten_bias_epochs", "must not be negative")
+    need(cfg.lookahead_ema >= 0, "lookahead_ema", "is a step count (0 = off)")
+    need(0 < cfg.lookahead_ema_decay <= 1, "lookahead_ema_decay", "must be in (0, 1]")
+    need(cfg.lookahead_ema_power >= 0, "lookahead_ema_power", "must not be negative")
+    need(cfg.lookahead_ema_start >= 0, "lookahead_ema_start", "must not be negative")
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
     return AugmentConfig(
         crop_scale=cfg.crop_scale or 1.0, crop_ratio=cfg.crop_ratio, translate=cfg.translate,
-        hflip=cfg.hflip, vflip=cfg.vflip, rotation=cfg.rotation, color_jitter=cfg.color_jitter,
+        hflip=cfg.hflip if cfg.flip == "random" else 0.0,  # --flip alternate: the loader flips
+        vflip=cfg.vflip, rotation=cfg.rotation, color_jitter=cfg.color_jitter,
         hue=cfg.hue, jitter_p=cfg.jitter_p, blur_sigma=cfg.blur_sigma, blur_p=cfg.blur_p,
         cutout=cfg.cutout, cutout_p=cfg.cutout_p,
     )
+
+
+# TrainConfig fields that are model-builder arguments when set (so they are saved with the weights).
+MODEL_FLAGS = ("stem", "bn_momentum", "bn_eps", "bn_frozen_weight", "dirac", "head_scale")
 
 
 def model_kwargs(cfg: TrainConfig) -> dict:
     kw = dict(cfg.model_kwargs)
     if cfg.activation:
         kw["activation"] = cfg.activation
+    kw.update({name: getattr(cfg, name) for name in MODEL_FLAGS if getattr(cfg, name) is not None})
     return kw
 
 
@@ -139,10 +170,24 @@ def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
         return DeviceLoader(train_set.images, train_set.labels, cfg.batch_size, accelerator.device,
                             BatchAugment(augment_config(cfg), MEAN, STD), seed=cfg.seed,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                            channels_last=cfg.channels_last)
+                            channels_last=cfg.channels_last, alternate_flip=cfg.flip == "alternate")
     transform = per_image_transform(augment_config(cfg), MEAN, STD, cfg.auto_augment, cfg.random_erasing)
     return worker_loader(accelerator, train_set.images, train_set.labels, cfg.batch_size, transform, cfg.workers,
-                         cfg.seed, cfg.channels_last)
+                         cfg.seed, cfg.channels_last, cfg.flip == "alternate")
+
+
+# airbench fits its whitening stem on the first 5,000 training images: plenty for a 12 x 12 covariance.
+WHITEN_IMAGES = 5000
+
+
+def fit_whitening(model: nn.Module, images, device: torch.device) -> None:
+    """Fit the model's whitening stem (if any) on the first training images (uint8 NHWC), unaugmented.
+
+    Every rank loads the same split and fits the same way; the fit happens before ``accelerator.prepare``,
+    whose DDP wrapper then broadcasts rank 0's weights, so the ranks agree even to the last bit.
+    """
+    if has_whitening(model):
+        model.init_whitening(normalize(to_chw_tensor(images[:WHITEN_IMAGES]).to(device).float() / 255, MEAN, STD))
 
 
 def agreed(accelerator: Accelerator, flag: bool) -> bool:
@@ -191,10 +236,18 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     base_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
+    global_batch = cfg.batch_size * accelerator.num_processes
     lr = scaled_lr(base_lr, cfg.lr_scale, accelerator.num_processes)
+    if cfg.lr_unit == "image1024":
+        lr = per_1024_images(base_lr, global_batch)
     weight_decay = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WEIGHT_DECAY[cfg.opt]
     model = model.to(accelerator.device)  # before the EMA copy, so both live on the device
-    optimizer = create_optimizer(model, cfg.opt, lr, weight_decay, cfg.momentum, cfg.lookahead)
+    fit_whitening(model, train_set.images, accelerator.device)  # before the optimizer, EMA and DDP copy the weights
+    steps_per_epoch = len(train_loader)
+    optimizer = create_optimizer(model, cfg.opt, lr, weight_decay, cfg.momentum, cfg.lookahead,
+                                 norm_bias_lr_scale=cfg.norm_bias_lr_scale,
+                                 whiten_bias_steps=round(cfg.whiten_bias_epochs * steps_per_epoch),
+                                 muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -205,10 +258,17 @@ def train(cfg: TrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     val_loader = accelerator.prepare(eval_loader(val_set.images, val_set.labels, 500)) if len(val_set.labels) else None
-    steps_per_epoch = len(train_loader)
-    global_batch = cfg.batch_size * accelerator.num_processes
-    scheduler = create_scheduler(optimizer, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
-                                 cfg.warmup_lr_ratio, cfg.min_lr_ratio)
+    # A fractional --epochs cuts the last epoch: ceil(total / steps_per_epoch) epochs, the last one shorter.
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = create_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch),
+                                 cfg.warmup_lr_ratio, cfg.min_lr_ratio, cfg.schedule)
+    lookahead = None
+    if cfg.lookahead_ema:
+        lookahead = LookaheadEMA(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.lookahead_ema,
+                                 cfg.lookahead_ema_decay, cfg.lookahead_ema_power,
+                                 round(cfg.lookahead_ema_start * steps_per_epoch), total_steps)
+        accelerator.register_for_checkpointing(lookahead)
     mixup = None
     if cfg.mixup or cfg.cutmix:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
@@ -223,7 +283,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         trainer.update(ckpt.load_state(accelerator, run_dir))
         metrics.truncate_after(trainer["epoch"])
-        if trainer["epoch"] >= cfg.epochs:
+        if trainer["epoch"] >= n_epochs:
             accelerator.print(f"{run_dir} already finished {trainer['epoch']} epochs; pass --epochs N to train longer")
     if accelerator.is_main_process:
         # After a resume has loaded its state: one that cannot (another --model-kwargs) leaves config.yaml as it was.
@@ -239,7 +299,8 @@ def train(cfg: TrainConfig) -> dict:
     n_proc = accelerator.num_processes
     accelerator.print(
         f"global batch {global_batch} ({n_proc} process{'es' if n_proc > 1 else ''} x {cfg.batch_size}), "
-        f"lr {lr:g}{f' ({cfg.lr_scale}-scaled from {base_lr:g})' if lr != base_lr else ''} | {cfg.model} "
+        f"lr {lr:g}{f' ({cfg.lr_scale}-scaled from {base_lr:g})' if cfg.lr_scale != 'none' and lr != base_lr else ''}"
+        f"{f' ({base_lr:g} per 1024 images)' if cfg.lr_unit == 'image1024' else ''} | {cfg.model} "
         f"({n_params:,} parameters) on {accelerator.device.type}, precision {accelerator.mixed_precision} | "
         f"{len(train_set.labels):,} train / {len(val_set.labels):,} val images, {steps_per_epoch} steps/epoch | "
         f"run {run_dir}"
@@ -266,13 +327,15 @@ def train(cfg: TrainConfig) -> dict:
     row: dict = {}
     with StopRequest() as stop:
         try:
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(start_epoch, n_epochs):
                 train_loader.set_epoch(epoch, skip)
                 partial = carry if accelerator.is_main_process else {"elapsed": (carry or {}).get("elapsed", 0.0)}
                 stats = train_one_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn,
                                         epoch * steps_per_epoch + skip, epoch + 1, mixup=mixup, ema=ema,
                                         clip_grad=cfg.clip_grad, progress=cfg.progress, start_step=skip,
-                                        carry=partial, stop=lambda: stop.signum is not None)
+                                        carry=partial, stop=lambda: stop.signum is not None,
+                                        steps=min(steps_per_epoch, total_steps - epoch * steps_per_epoch),
+                                        lookahead=lookahead)
                 skip, carry = 0, None
                 if stats["nonfinite"]:
                     raise Stopped(
@@ -287,7 +350,7 @@ def train(cfg: TrainConfig) -> dict:
                        **{k: v for k, v in stats.items() if k not in ("global_step", "step_in_epoch", "stopped",
                                                                       "nonfinite", "train_sums")}}
                 eval_model = ema.module if ema is not None else model
-                last = epoch + 1 == cfg.epochs
+                last = epoch + 1 == n_epochs
                 if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
                     # TTA multiplies eval cost, so only the final validation pays for it.
                     val = evaluate(eval_model, val_loader, accelerator, MEAN, STD, tta=cfg.tta if last else 0,
@@ -357,8 +420,8 @@ def _stopped(stop: StopRequest, run_dir: Path, where: str) -> Stopped:
                    f"accelerate launch train.py --resume {run_dir}", 128 + (stop.signum or 15))
 
 
-def _summary(row: dict, epochs: int) -> str:
-    text = (f"epoch {row['epoch']}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} "
+def _summary(row: dict, epochs: float) -> str:
+    text = (f"epoch {row['epoch']}/{epochs:g} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} "
             f"| lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s | {row['epoch_time']:.1f}s")
     if "val_acc" in row:
         text += f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} (best {row['best_val_acc']:.4f})"

@@ -24,7 +24,7 @@ def test_recipe_sets_defaults_and_flags_win(tmp_path):
 @pytest.mark.parametrize("text, match", [
     ("epoch: 3\n", "unknown field 'epoch'"),
     ("epochs: three\n", "field 'epochs' expects a number, got 'three'"),
-    ("epochs: [3]\n", "field 'epochs' expects int"),
+    ("epochs: [3]\n", "field 'epochs' expects float"),
     ("opt: rmsprop\n", "field 'opt' must be one of"),
     ("- 1\n", "mapping"),
 ])
