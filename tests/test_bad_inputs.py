@@ -194,7 +194,7 @@ CASES = [
       setup=write_text("recipe.yaml", "batch_sise: 100\n")),
     T("train-config-not-a-number", ("--config", "recipe.yaml", *SHARED),
       ("recipe.yaml", "field 'lr' expects a number", "'abc'"), setup=write_text("recipe.yaml", "lr: abc\n")),
-    T("train-epochs-zero", ("--epochs", "0", *SHARED), ("--epochs", "at least 1", "got 0")),
+    T("train-epochs-zero", ("--epochs", "0", *SHARED), ("--epochs", "must be positive", "got 0.0")),
     T("train-batch-size-negative", ("--batch-size", "-8", *SHARED), ("--batch-size", "at least 1", "got -8")),
     T("train-val-split-negative", ("--val-split", "-5", *SHARED), ("--val-split", "must not be negative", "got -5")),
     T("train-hflip-above-one", ("--hflip", "1.5", *SHARED), ("--hflip", "probability in [0, 1]", "got 1.5")),
