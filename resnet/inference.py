@@ -17,7 +17,8 @@ from .data import DataError, cifar10_splits, load_cifar10, load_custom_pickle
 from .distributed import create_accelerator
 from .engine import confusion_matrix, evaluate, predict
 from .loader import eval_loader
-from .tracking import confusion_figure, print_sync_hint, resolve_wandb_mode, wandb_class_report, wandb_run_id
+from .tracking import (confusion_figure, per_class_accuracy, print_sync_hint, resolve_wandb_mode, wandb_class_report,
+                       wandb_run_id)
 
 
 def _prepare(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray | None, batch_size: int):
@@ -87,7 +88,7 @@ def run_evaluate(cfg: EvalConfig) -> dict:
                       progress=True)
     classes = meta["classes"]
     matrix = confusion_matrix(result["targets"], result["preds"], len(classes))
-    per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
+    per_class = dict(zip(classes, per_class_accuracy(matrix).tolist()))
     report = {"checkpoint": str(file), "data": name, "n": result["n"], "tta": tta,
               "accuracy": result["acc"], "loss": result["loss"], "per_class_accuracy": per_class,
               "confusion_matrix": matrix.tolist()}

@@ -229,7 +229,6 @@ def test_pipeline_turns_uint8_into_normalised_float():
 
 
 def test_per_image_pipeline_matches_the_batched_one_in_form():
-    import numpy as np
     from PIL import Image
 
     from resnet.loader import per_image_transform
