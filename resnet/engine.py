@@ -35,9 +35,9 @@ def train_one_epoch(
     """One pass over ``loader``; the lr follows ``global_step`` (scheduler.step_update after each update).
 
     ``start_step`` and ``carry`` continue an epoch that was stopped part-way (the loader already skips the
-    batches done; ``carry`` holds the sums so far over all ranks: give them to one rank only). After every step the loop checks ``stop()`` and that
-    the loss is finite, agreed across processes; it then returns early with ``stopped`` or ``nonfinite``
-    set and ``step_in_epoch`` = the steps done. ``train_sums`` lets the caller save a partial epoch.
+    batches done; ``carry`` holds the sums so far over all ranks: give them to one rank only). After every
+    step the loop checks ``stop()`` and that the loss is finite, agreed across processes; it then returns
+    early with ``stopped`` or ``nonfinite`` set and ``step_in_epoch`` = the steps done. ``train_sums`` lets the caller save a partial epoch.
     ``steps`` ends the epoch after that many batches (the cut last epoch of a fractional --epochs);
     ``lookahead`` (optim.LookaheadEMA) steps after every update and syncs the weights at the epoch's end.
     """
@@ -85,7 +85,7 @@ def train_one_epoch(
         if accelerator.num_processes > 1:  # every rank must stop at the same step
             flags = accelerator.reduce(flags, reduction="sum")
         nonfinite, stopped = (bool(v > 0) for v in flags.tolist())
-        if nonfinite or (stopped and step < total) or step >= total:
+        if nonfinite or stopped or step >= total:
             break
     bar.close()
     if lookahead is not None and step >= total and not nonfinite:

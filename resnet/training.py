@@ -311,6 +311,8 @@ def train(cfg: TrainConfig) -> dict:
         trainer.update(update, global_batch=global_batch)
         ckpt.save_state(accelerator, run_dir, trainer)
 
+    identity = {"group": run_group(config_to_dict(cfg)), "name": run_name(config_to_dict(cfg))}
+
     def write_summary(finished: bool) -> None:
         if accelerator.is_main_process:
             rows = metrics.rows()
@@ -321,8 +323,7 @@ def train(cfg: TrainConfig) -> dict:
                 "best_val_acc": best if best >= 0 else None, "best_epoch": trainer["best_epoch"],
                 "train_time_s": trainer["train_time_s"],
                 "images_per_sec": sum(speeds) / len(speeds) if speeds else None,
-                "started_at": trainer["started_at"], "group": run_group(config_to_dict(cfg)),
-                "name": run_name(config_to_dict(cfg))})
+                "started_at": trainer["started_at"], **identity})
 
     row: dict = {}
     with StopRequest() as stop:
