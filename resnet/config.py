@@ -83,8 +83,9 @@ class TrainConfig:
                                           "(airbench 3)")
     label_smoothing: float = knob(0.1, "label smoothing of the cross-entropy target (0 = off)")
     clip_grad: float = knob(0.0, "clip the global gradient norm to this value (0 = off)")
-    ema_decay: float = knob(0.0, "EMA of weights with this decay per step, e.g. 0.999 (0 = off); "
-                                 "validation and checkpoints use the EMA weights when on")
+    ema_decay: float = knob(0.0, "EMA of weights with this decay per step, e.g. 0.999 (0 = off), warmed up as "
+                                 "timm's: min(decay, 1 - (1 + step)^-2/3); validation and checkpoints use the EMA "
+                                 "weights when on")
     lookahead: bool = knob(False, "wrap the optimizer in timm's Lookahead (k=6, alpha=0.5)")
     lookahead_ema: int = knob(0, "airbench's lookahead-EMA every N steps (0 = off; airbench 5): the weights jump to an "
                                  "EMA whose decay rises with progress, and become it at every epoch's end")

@@ -248,7 +248,9 @@ def train(cfg: TrainConfig) -> dict:
                                  norm_bias_lr_scale=cfg.norm_bias_lr_scale,
                                  whiten_bias_steps=round(cfg.whiten_bias_epochs * steps_per_epoch),
                                  muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    # timm's warm-up (decay min(d, 1 - (1 + step)^-2/3)): without it a long-run decay such as 0.9998 leaves
+    # the average of a short run close to the random initial weights.
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if cfg.sync_bn and accelerator.num_processes > 1:

@@ -72,6 +72,17 @@ def test_ema_weights_are_what_gets_saved(run):
     assert _equal(load_file(str(Path(run()["run_dir"]) / "last.safetensors")), run()["weights"])
 
 
+def test_a_long_run_ema_decay_still_follows_a_short_run(run):
+    """The EMA warms up (timm's schedule): with a decay meant for 200 epochs, 4 steps still move it
+    most of the way from the initial weights to the trained ones, instead of keeping the initial ones."""
+    trained = run()["weights"]
+    initial = run("--lr", "1e-30")["weights"]  # steps below float resolution: the weights stay the initial ones
+    ema = load_file(str(Path(run("--ema-decay", "0.9999")["run_dir"]) / "last.safetensors"))
+    for name, w in trained.items():
+        if name.endswith("weight") and w.ndim > 1:
+            assert torch.dist(ema[name], w) < 0.5 * torch.dist(initial[name], w), name
+
+
 WORKERS = ("--loader", "workers", "--workers", "0")
 
 
