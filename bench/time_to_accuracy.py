@@ -50,6 +50,9 @@ def main() -> None:
             if acc is not None and acc >= t and t not in first:
                 first[t] = (train_s, float(r["elapsed"]), r["epoch"])
     print(f"\nwhole accelerate launch: {wall:.1f} s; final val acc {rows[-1].get('val_acc')}")
+    if not any(r.get("val_acc") for r in rows):
+        print("no validation split (--val-split 0): accuracy not measured")
+        return
     for t in THRESHOLDS:
         if t in first:
             tr, el, ep = first[t]

@@ -88,7 +88,7 @@ def run_evaluate(cfg: EvalConfig) -> dict:
                       progress=True)
     classes = meta["classes"]
     matrix = confusion_matrix(result["targets"], result["preds"], len(classes))
-    per_class = dict(zip(classes, per_class_accuracy(matrix).tolist()))
+    per_class = dict(zip(classes, per_class_accuracy(matrix)))
     report = {"checkpoint": str(file), "data": name, "n": result["n"], "tta": tta,
               "accuracy": result["acc"], "loss": result["loss"], "per_class_accuracy": per_class,
               "confusion_matrix": matrix.tolist()}
@@ -130,7 +130,8 @@ def format_report(report: dict) -> str:
     tta = f", TTA level {report['tta']}" if report["tta"] else ""
     lines = [f"{report['data']}: accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}  "
              f"({report['n']} images{tta})", "per-class accuracy:"]
-    lines += [f"  {c:<11}{a:.4f}" for c, a in report["per_class_accuracy"].items()]
+    lines += [f"  {c:<11}{'no images' if acc is None else f'{acc:.4f}'}"
+              for c, acc in report["per_class_accuracy"].items()]
     names = [c[:5] for c in report["per_class_accuracy"]]
     lines.append("confusion matrix (rows: true, columns: predicted):")
     lines.append(" " * 7 + "".join(f"{n:>6}" for n in names))

@@ -139,14 +139,14 @@ def wandb_class_report(matrix: np.ndarray, classes: list[str], title: str) -> di
     image = wandb.Image(fig)
     plt.close(fig)
     table = wandb.Table(columns=["class", "accuracy", "images"],
-                        data=[[c, float(per_class_accuracy(matrix)[i]), int(matrix[i].sum())]
-                              for i, c in enumerate(classes)])
+                        data=[[c, acc, int(n)]
+                              for c, acc, n in zip(classes, per_class_accuracy(matrix), matrix.sum(1))])
     return {"confusion_matrix": image, "per_class_accuracy": table}
 
 
-def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
-    """Recall of each true class (rows of the matrix)."""
-    return np.diag(matrix) / np.maximum(matrix.sum(1), 1)
+def per_class_accuracy(matrix: np.ndarray) -> list[float | None]:
+    """Recall of each true class (rows of the matrix); None for a class with no images (0 would read as all missed)."""
+    return [float(matrix[i, i] / total) if total else None for i, total in enumerate(matrix.sum(1))]
 
 
 def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = ""):

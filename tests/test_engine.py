@@ -1,6 +1,8 @@
 """engine.py against hand computations: TTA views and weights, confusion-matrix orientation,
 per-class accuracy; plus the package's public API (``from resnet import create_model``)."""
+import json
 import pickle
+import re
 import subprocess
 import sys
 
@@ -86,10 +88,13 @@ def test_evaluate_report_per_class_accuracy_and_matrix(tmp_path, monkeypatch):
                                                out=str(tmp_path / "eval.json")))
     per_class = report["per_class_accuracy"]
     assert per_class["airplane"] == 0.5 and per_class["automobile"] == 1.0 and per_class["bird"] == 0.0
+    assert per_class["cat"] is None  # no cat images: not a class the model got all wrong
     matrix = np.array(report["confusion_matrix"])
     assert matrix.shape == (10, 10) and matrix[0, 1] == 1 and matrix[2, 0] == 1 and matrix.sum() == 4
     text = inference.format_report(report)
     assert "rows: true, columns: predicted" in text
+    assert re.search(r"cat\s+no images", text) and re.search(r"bird\s+0\.0000", text)
+    assert json.loads((tmp_path / "eval.json").read_text())["per_class_accuracy"]["cat"] is None
 
 
 # ------------------------------------------------------------------------------------------------
