@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from resnet.config import TrainConfig, load_recipe  # noqa: E402
+from resnet.grid import run_state  # noqa: E402
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # Lengths a recipe gives in epochs; warm-up always applies, the others only where the recipe sets them.
@@ -39,7 +40,7 @@ def compressed_lengths(recipe: dict, epochs: float) -> dict:
 
 
 def run_name(spec: list) -> str:
-    """A folder name from the recipe's stem and its extra flags: 'fast_lookahead-ema-0'."""
+    """A folder name from the recipe's stem and its extra flags: 'fast_lookahead-ema_0'."""
     flags = "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", arg).strip("-") for arg in spec[1:])
     return Path(spec[0]).stem + (f"_{flags}" if flags else "")
 
@@ -60,7 +61,7 @@ def main() -> None:
         recipe = {} if recipe_path == "default" else load_recipe(TrainConfig, ROOT / recipe_path)
         run_dir = Path(args.out) / run_name(spec)
         run_dirs.append(str(run_dir))
-        if (run_dir / "summary.json").is_file():
+        if run_state(run_dir) == "finished":  # summary.json alone is written after every epoch
             print(f"{' '.join(spec)}: finished in {run_dir}, not trained again", flush=True)
             continue
         lengths = [a for name, value in compressed_lengths(recipe, args.epochs).items()
