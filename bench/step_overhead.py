@@ -56,10 +56,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
                         help="default: the accelerate config's")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="GPU: keep cuDNN's default conv algorithms (the suite times them once per shape)")
     args = parser.parse_args()
 
     kw = {"mixed_precision": args.mixed_precision} if args.mixed_precision else {}
     accelerator = create_accelerator(**kw)
+    if args.no_cudnn_benchmark:
+        torch.backends.cudnn.benchmark = False
     device = accelerator.device
     torch.manual_seed(0)
     base = create_model(args.model).to(device, memory_format=torch.channels_last)
@@ -93,7 +97,8 @@ def main() -> None:
             bare_rates.append(rate)
     full, bare_best = max(full_rates), max(bare_rates)
     print(f"{args.model}, batch {args.batch_size}, {accelerator.mixed_precision} precision, {device}, "
-          f"torch threads {torch.get_num_threads()}, best of {args.repeats} x {args.steps} steps")
+          f"cudnn.benchmark {torch.backends.cudnn.benchmark}, torch threads {torch.get_num_threads()}, "
+          f"best of {args.repeats} x {args.steps} steps")
     print(f"bare forward+backward+step: {bare_best:8.1f} img/s")
     print(f"full train.py step:         {full:8.1f} img/s")
     print(f"overhead: {100 * (bare_best / full - 1):.1f}% (goal: at most 10%)")

@@ -22,6 +22,9 @@ def create_accelerator(**kwargs) -> Accelerator:
                               "use bf16 instead: accelerate launch --mixed_precision bf16 ... "
                               "or --config_file accelerate_configs/bf16.yaml")
         use_all_cores()
+    elif accelerator.device.type == "cuda":
+        # Batch shapes are fixed, so let cuDNN time its conv algorithms once and keep the fastest (airbench does).
+        torch.backends.cudnn.benchmark = True
     return accelerator
 
 

@@ -12,7 +12,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -24,7 +23,8 @@ from .engine import confusion_matrix, evaluate, train_one_epoch
 from .interrupt import StopRequest, Stopped
 from .loader import DeviceLoader, eval_loader, per_image_transform, to_chw_tensor, worker_loader
 from .models import count_parameters, create_model, has_whitening, list_models, parse_head_scale
-from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, LookaheadEMA, create_optimizer, create_scheduler, per_1024_images
+from .optim import (DEFAULT_LR, DEFAULT_WEIGHT_DECAY, LookaheadEMA, ModelEma, create_optimizer, create_scheduler,
+                    per_1024_images)
 from .identity import activation_of, run_group, run_name
 from .tracking import (MetricsLog, define_wandb_metrics, environment_info, print_sync_hint, resolve_wandb_mode,
                        wandb_class_report, wandb_image_grid, wandb_init_kwargs, wandb_row, wandb_run_id)
@@ -250,7 +250,7 @@ def train(cfg: TrainConfig) -> dict:
                                  muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
     # timm's warm-up (decay min(d, 1 - (1 + step)^-2/3)): without it a long-run decay such as 0.9998 leaves
     # the average of a short run close to the random initial weights.
-    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
+    ema = ModelEma(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if cfg.sync_bn and accelerator.num_processes > 1:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -45,3 +47,55 @@ def test_schedule_is_a_function_of_the_step():
     again.step_update(60)
     assert opt.param_groups[0]["lr"] == pytest.approx(lrs[60])
 
+
+
+def _count_ops(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_model_ema_averages_as_timms_does_with_a_fixed_number_of_ops():
+    from timm.utils import ModelEmaV3
+    from torch import nn
+
+    from resnet.optim import ModelEma
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(2, 3, 8, 8))
+    ours, timms = ModelEma(model, decay=0.9, use_warmup=True), ModelEmaV3(model, decay=0.9, use_warmup=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 6):
+        model(torch.randn(4, 3, 8, 8)).square().mean().backward()  # BN stats and counters move too
+        opt.step()
+        opt.zero_grad()
+        if step == 3:  # a resume loads weights in place: the EMA must follow them
+            model.load_state_dict({k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+        ours.update(model, step=step)
+        timms.update(model, step=step)
+    mine, theirs = ours.module.state_dict(), timms.module.state_dict()
+    assert mine["1.num_batches_tracked"].item() == 6  # the lazy first forward and 5 steps
+    for name in theirs:
+        assert torch.equal(mine[name], theirs[name]), name
+    # After the first update: one foreach copy (BN counters) and one foreach lerp, however big the net.
+    assert _count_ops(lambda: ours.update(model, step=6)) == 2
+    assert _count_ops(lambda: timms.update(model, step=6)) > 20
+    # Another model object (a wrapper, a copy) is paired anew.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.fill_(3.0)
+    ours.decay = ours.min_decay = 0.0  # decay 0: the EMA becomes the model
+    ours.update(other)
+    assert all(torch.equal(p, torch.full_like(p, 3.0)) for p in ours.module.parameters())
