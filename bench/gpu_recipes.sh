@@ -23,7 +23,8 @@ mkdir -p "$log"
 timeout "$(left)" $py bench/airbench94.py 2>&1 | tee "$log/airbench94.log"
 timeout "$(left)" $py bench/time_to_accuracy.py --recipe configs/fast.yaml --run-dir "$runs/fast" 2>&1 \
   | tee "$log/fast.log"
-timeout "$(left)" $py bench/step_overhead.py --mixed-precision bf16 --batch-size 256 2>&1 | tee "$log/step_overhead.log"
+timeout "$(left)" $py bench/step_overhead.py --mixed-precision bf16 --batch-size 256 --steps 50 2>&1 \
+  | tee "$log/step_overhead.log"
 
 timeout "$(left)" $py bench/time_to_accuracy.py --recipe configs/best.yaml --run-dir "$runs/best0" -- --seed 0 \
   >"$log/best0.log" 2>&1
