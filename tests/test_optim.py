@@ -2,9 +2,12 @@ import copy
 
 import pytest
 import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from resnet.models import create_model
-from resnet.optim import create_optimizer, create_scheduler
+from resnet.optim import ModelEma, create_optimizer, create_scheduler
 
 
 def test_no_weight_decay_on_norms_and_biases():
@@ -48,10 +51,7 @@ def test_schedule_is_a_function_of_the_step():
     assert opt.param_groups[0]["lr"] == pytest.approx(lrs[60])
 
 
-
 def _count_ops(fn) -> int:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     class Count(TorchDispatchMode):
         n = 0
 
@@ -65,11 +65,6 @@ def _count_ops(fn) -> int:
 
 
 def test_model_ema_averages_as_timms_does_with_a_fixed_number_of_ops():
-    from timm.utils import ModelEmaV3
-    from torch import nn
-
-    from resnet.optim import ModelEma
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
                           nn.Flatten(), nn.LazyLinear(10))
