@@ -110,12 +110,12 @@ def main() -> None:
                  ops_per_step(augment=cutout, ema=ModelEma, **report), 2))
     rows.append(("airbench whiten net: bare forward + backward + Nesterov step",
                  bare_ops(accelerator, "resnet_airbench_whiten_2m", args.batch_size), None))
+    fast = dict(accelerator=accelerator, model_name="resnet_airbench_whiten_2m", opt="muon",
+                augment=AugmentConfig(translate=2), ema=None, batch_size=args.batch_size, alternate_flip=True)
     rows.append(("  train_one_epoch, Muon, translate 2, alternating flip (fast.yaml)",
-                 ops_per_step(accelerator, "resnet_airbench_whiten_2m", "muon", AugmentConfig(translate=2), None, False,
-                              args.batch_size, alternate_flip=True), 5))
+                 ops_per_step(lookahead=False, **fast), 5))
     rows.append(("  + airbench's lookahead-EMA, counted at every step (the previous fast.yaml moved it every 10th)",
-                 ops_per_step(accelerator, "resnet_airbench_whiten_2m", "muon", AugmentConfig(translate=2), None, True,
-                              args.batch_size, alternate_flip=True), 6))
+                 ops_per_step(lookahead=True, **fast), 6))
     for name, ops, base in rows:
         print(f"{sum(ops.values()):7.0f} ops/step  {name}")
         if base is not None:

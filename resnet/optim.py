@@ -3,6 +3,7 @@ Muon-plus-SGD optimizer and its lookahead-EMA, and the EMA of the weights."""
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from timm.optim import Lookahead
@@ -261,19 +262,21 @@ class ModelEma(ModelEmaV3):
     """
 
     _pairs: tuple | None = None
-    _paired_with: int | None = None  # id() of the model: storing the model itself would make it a submodule
+    # A weak reference: storing the model would make it a submodule, and an id() can be reused by a new
+    # model once the old one is freed.
+    _paired_with: weakref.ref | None = None
 
     def apply_update_(self, model: nn.Module, decay: float) -> None:
         if not self.foreach:  # the EMA lives on another device: timm's per-tensor path
             return super().apply_update_(model, decay)
-        if self._paired_with != id(model):
+        if self._paired_with is None or self._paired_with() is not model:
             floats, counters = ([], []), ([], [])
             for ema_v, model_v in zip(self.module.state_dict(keep_vars=True).values(),
                                       model.state_dict(keep_vars=True).values()):
                 group = floats if ema_v.is_floating_point() else counters
                 group[0].append(ema_v)
                 group[1].append(model_v)
-            self._pairs, self._paired_with = (floats, counters), id(model)
+            self._pairs, self._paired_with = (floats, counters), weakref.ref(model)
         (ema_floats, model_floats), (ema_counters, model_counters) = self._pairs
         if ema_counters:
             torch._foreach_copy_(ema_counters, model_counters)
