@@ -98,7 +98,7 @@ def main() -> None:
     script = ((CPU_PORT if cpu else "") + "import airbench\n"
               f"airbench.warmup94({net})\n"
               f"for i in range({args.runs}):\n"
-              f"    airbench.train94(run=i{', ' + net if net else ''})\n")
+              f"    airbench.train94(run=i, {net})\n")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", script], cwd=workdir, check=True)
     print(f"whole python process (start-up, warm-up run and {args.runs} run(s)): {time.perf_counter() - start:.1f} s")
