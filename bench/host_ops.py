@@ -11,6 +11,7 @@ size; views are counted too (no kernel, but host time).
 """
 import argparse
 import importlib
+import os
 import sys
 from collections import Counter
 from contextlib import nullcontext
@@ -29,7 +30,8 @@ from resnet.distributed import create_accelerator  # noqa: E402
 from resnet.engine import train_one_epoch  # noqa: E402
 from resnet.loader import DeviceLoader  # noqa: E402
 from resnet.models import create_model  # noqa: E402
-from resnet.optim import LookaheadEMA, ModelEma, create_optimizer, create_scheduler  # noqa: E402
+from resnet.ema import ModelEma  # noqa: E402
+from resnet.optim import LookaheadEMA, create_optimizer, create_scheduler  # noqa: E402
 
 
 # On CUDA, SGD updates all its tensors with a few foreach ops by default; on a CPU it loops over them. Count
@@ -95,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    os.environ.setdefault("RESNET_CPU_BF16", "1")  # bf16 autocast's ops on any CPU: counted, not timed
     accelerator = create_accelerator(mixed_precision="bf16")
     report = dict(accelerator=accelerator, model_name="resnet_report_4m", opt="nesterov",
                   batch_size=args.batch_size, lookahead=False)

@@ -124,35 +124,91 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
 
 
+STATE_CANDIDATES = (STATE_DIR, STATE_DIR + ".tmp", STATE_DIR + ".old")
+
+
+def _saved_trainer(folder: Path) -> dict | None:
+    """trainer.json of a complete state folder (it is written last, after every rank's files), else None."""
+    try:
+        return json.loads((folder / TRAINER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def newest_complete_state(run_dir: str | Path) -> Path | None:
+    """The newest complete one of state/, state.tmp/ and state.old/, whatever a crash left behind.
+
+    A save writes state.tmp/ (trainer.json last), renames state/ to state.old/, state.tmp/ to state/, then
+    deletes state.old/; a kill at any point leaves at least one complete folder. trainer.json's ``saves``
+    counter orders them (older runs have none: then state/ wins over state.tmp/ over state.old/).
+    """
+    best, best_key = None, None
+    for rank, name in enumerate(STATE_CANDIDATES):
+        trainer = _saved_trainer(Path(run_dir) / name)
+        if trainer is None:
+            continue
+        key = (int(trainer.get("saves", 0)), -rank)
+        if best_key is None or key > best_key:
+            best, best_key = Path(run_dir) / name, key
+    return best
+
+
+def recover_state(run_dir: Path) -> None:
+    """Leave exactly one state folder, state/, holding the newest complete state (main process only).
+
+    Runs before every save and resume, so that no leftover of a cut save (state.old/, a half-written
+    state.tmp/) can make a later save fail or make a resume pick an older state.
+    """
+    best = newest_complete_state(run_dir)
+    final = run_dir / STATE_DIR
+    if best is not None and best != final:
+        # Delete state/ (older or incomplete) first: until the rename, ``best`` is still complete.
+        _discard(final)
+        os.replace(best, final)
+    for name in STATE_CANDIDATES[1:]:
+        _discard(run_dir / name)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a state folder, its trainer.json first: a deletion cut short never looks complete."""
+    (folder / TRAINER_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def save_state(accelerator, run_dir: Path, trainer: dict[str, Any]) -> None:
-    """Save everything needed to resume (model, optimizer, EMA, RNG + trainer.json), replacing the old state."""
-    final, tmp, old = run_dir / STATE_DIR, run_dir / (STATE_DIR + ".tmp"), run_dir / (STATE_DIR + ".old")
+    """Save everything needed to resume (model, optimizer, EMA, RNG + trainer.json), replacing the old state.
+
+    A kill at any moment loses at most this save: see ``newest_complete_state``.
+    """
+    final, tmp, old = (run_dir / name for name in STATE_CANDIDATES)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        recover_state(run_dir)
+        trainer["saves"] = int((_saved_trainer(final) or {}).get("saves", 0)) + 1
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_text(tmp / TRAINER_FILE, json.dumps(trainer, indent=2))
-        # Swap in two renames: at every moment either state/ or state.old/ is complete.
+        atomic_write_text(tmp / TRAINER_FILE, json.dumps(trainer, indent=2))  # the mark of a complete folder
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     accelerator.wait_for_everyone()
 
 
 def state_dir_for_resume(run_dir: str | Path) -> Path:
-    """The complete state folder of a run (state/, or state.old/ if a crash hit mid-swap)."""
-    run_dir = Path(run_dir)
-    for name in (STATE_DIR, STATE_DIR + ".old"):
-        if (run_dir / name / TRAINER_FILE).is_file():
-            return run_dir / name
-    raise CheckpointError(f"{run_dir}: nothing to resume (no {STATE_DIR}/{TRAINER_FILE}); was the run started?")
+    """The newest complete state folder of a run (see ``newest_complete_state``)."""
+    state = newest_complete_state(run_dir)
+    if state is None:
+        raise CheckpointError(f"{run_dir}: nothing to resume (no {STATE_DIR}/{TRAINER_FILE}); was the run started?")
+    return state
 
 
 def load_state(accelerator, run_dir: str | Path) -> dict[str, Any]:
     """Restore the accelerator state of a run; returns its trainer.json."""
+    if accelerator.is_main_process:
+        recover_state(Path(run_dir))
+    accelerator.wait_for_everyone()
     state = state_dir_for_resume(run_dir)
     try:
         accelerator.load_state(str(state))

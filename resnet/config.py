@@ -2,12 +2,16 @@
 
 Precedence: dataclass default < ``--config recipe.yaml`` < command-line flag. The resolved config is
 saved with every run (``config.yaml``) so a run can be repeated with ``--config runs/<run>/config.yaml``.
+A saved config repeats the experiment, never the launch: the fields in ``LAUNCH_FIELDS`` are neither
+saved nor read from a recipe, so a repeat goes to a new run folder unless the command line names one.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +167,11 @@ class PredictConfig:
     checkpoint: str | None = knob(None, "run folder or .safetensors file (default: the most recently trained run's best)")
     batch_size: int = knob(500, "images per forward pass")
     tta: int | None = knob(None, TTA_HELP + " (default: the level the run validated with)", choices=[0, 1, 2])
+
+
+# How a run was launched, not what it trains: a recipe (a run's own config.yaml included) never sets them,
+# or repeating a run would write into (or --overwrite) the run it repeats.
+LAUNCH_FIELDS = ("run_dir", "resume", "overwrite")
 
 
 class ConfigError(ValueError):
@@ -325,11 +334,12 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
             values.update(load_recipe(cls, recipe))
         except ConfigError as e:
             parser.error(str(e))
-    if own_run:
-        # How the run was started, not settings: the folder is the one resumed now (it may have been moved
-        # or copied since), and a run started with --overwrite must still resume.
-        for name in ("run_dir", "resume", "overwrite"):
-            values.pop(name, None)
+    # Run folders saved before LAUNCH_FIELDS existed hold them: drop them (the folder resumed now may also
+    # have been moved or copied since it was saved).
+    dropped = [name for name in LAUNCH_FIELDS if values.pop(name, None) not in (None, False)]
+    if dropped and not own_run and os.environ.get("RANK", "0") == "0":
+        print(f"note: {recipe}: ignoring {', '.join(dropped)}: a saved config repeats the experiment, not the "
+              "launch; pass --run-dir to choose the run folder", file=sys.stderr)
     values.update(args)
     return cls(**values), debug
 
@@ -338,5 +348,8 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def save_config(cfg: Any, path: str | Path, header: str = "") -> None:
+    """The experiment part of ``cfg`` as YAML (no ``LAUNCH_FIELDS``), after ``header`` comment lines."""
+    experiment = {k: v for k, v in config_to_dict(cfg).items() if k not in LAUNCH_FIELDS}
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    atomic_write_text(Path(path), comments + yaml.safe_dump(experiment, sort_keys=False))

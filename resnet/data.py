@@ -154,8 +154,8 @@ _ALLOWED = {
 }
 
 
-def _check_array_state(state: Any, max_bytes: int) -> None:
-    """Vet ``ndarray.__setstate__((version, shape, dtype, fortran, data))`` before numpy allocates."""
+def _check_array_state(state: Any, max_bytes: int) -> int:
+    """Vet ``ndarray.__setstate__((version, shape, dtype, fortran, data))`` before numpy allocates; its bytes."""
     if not isinstance(state, tuple) or len(state) not in (4, 5):
         raise _Refused(f"refused array state {reprlib.repr(state)}: expected numpy's (shape, dtype, order, data)")
     shape, dtype = state[-4], state[-3]
@@ -173,6 +173,7 @@ def _check_array_state(state: Any, max_bytes: int) -> None:
     if nbytes > max_bytes:
         raise _Refused(f"refused an array of {nbytes:,} bytes (shape {reprlib.repr(shape)}, dtype {dtype}): "
                        f"expected at most the file's {max_bytes:,} bytes")
+    return nbytes
 
 
 class _ArrayUnpickler(pickle._Unpickler):
@@ -189,12 +190,27 @@ class _ArrayUnpickler(pickle._Unpickler):
     def __init__(self, raw: bytes, max_ops: int = MAX_PICKLE_OPS):
         super().__init__(io.BytesIO(raw), encoding="latin1")  # latin1: Python-2 str pickles, losslessly
         self.max_bytes = len(raw)
+        # All arrays together, not each alone: one block of bytes, memoised, can be the data of any number
+        # of arrays (each a copy), and a file's own arrays never hold more than the file.
+        self.array_bytes_left = len(raw)
         self.ops_left = max_ops
         self.max_ops = max_ops
 
+    def _spend(self, nbytes: int) -> None:
+        self.array_bytes_left -= nbytes
+        if self.array_bytes_left < 0:
+            raise _Refused(f"refused: the arrays of this file would take more than its own {self.max_bytes:,} "
+                           "bytes (the same data reused for many arrays?)")
+
+    def _frombuffer(self, *args: Any) -> np.ndarray:
+        array = _frombuffer(*args)
+        self._spend(array.nbytes)  # a view of the file's bytes, but one a later conversion may copy
+        return array
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
-            return _ALLOWED[module, name]
+            found = _ALLOWED[module, name]
+            return self._frombuffer if found is _frombuffer else found
         what = f"{module}.{name}"
         what = what if what.isprintable() and len(what) <= 100 else reprlib.repr(what)
         raise _Refused(f"refused to load {what}: a name loaded from a pickle can run code; {ALLOWED}")
@@ -202,7 +218,7 @@ class _ArrayUnpickler(pickle._Unpickler):
     def load_build(self) -> None:
         state, inst = self.stack[-1], self.stack[-2]
         if type(inst) is np.ndarray:
-            _check_array_state(state, self.max_bytes)
+            self._spend(_check_array_state(state, self.max_bytes))
         elif isinstance(inst, np.dtype):
             # Only the state numpy itself writes for this dtype, up to byte order: numpy's dtype
             # __setstate__ trusts its input (a malformed one can crash the interpreter).

@@ -5,22 +5,36 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import parse_flag_from_env
 
 from .config import ConfigError
+from .hardware import cpu_has_native_bf16, cpu_model
 
 
 def create_accelerator(**kwargs) -> Accelerator:
-    """An Accelerator that falls back to CPU cleanly and refuses fp16 on CPU.
+    """An Accelerator that falls back to CPU cleanly, trains a CPU in the precision it computes fast,
+    and refuses fp16 on CPU.
 
     ``cpu=True`` when the machine has no accelerator: without it a 2-process MULTI_GPU launch on a
-    CPU-only machine starts two unsynchronised rank-0 processes instead of one gloo group.
+    CPU-only machine starts two unsynchronised rank-0 processes instead of one gloo group. bf16 asked
+    for on a CPU without native bf16 becomes fp32, with one line saying so: emulated bf16 ran 9-18x
+    slower than fp32 (resnet.hardware).
     """
+    on_cpu = not torch.accelerator.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    asked = kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    to_fp32 = on_cpu and asked == "bf16" and not cpu_has_native_bf16()
+    if to_fp32:
+        kwargs["mixed_precision"] = "no"
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
+    if to_fp32:
+        accelerator.print(f"precision: fp32, not the bf16 asked for: this CPU ({cpu_model()}) has no native bf16 "
+                          "(AVX512-BF16 or AMX) and would emulate it 9-18x slower than fp32; "
+                          "see python -m resnet.hardware")
     if accelerator.device.type == "cpu":
         if accelerator.mixed_precision == "fp16":
-            raise ConfigError("fp16 mixed precision on CPU runs in fp32 or crawls (7 images/s here); "
-                              "use bf16 instead: accelerate launch --mixed_precision bf16 ... "
-                              "or --config_file accelerate_configs/bf16.yaml")
+            advice = ("use bf16 instead: --config_file accelerate_configs/bf16.yaml" if cpu_has_native_bf16() else
+                      "this CPU has no native bf16 either: use fp32, --config_file accelerate_configs/cpu.yaml")
+            raise ConfigError(f"fp16 mixed precision on CPU runs in fp32 or crawls (7 images/s here); {advice}")
         use_all_cores()
     elif accelerator.device.type == "cuda":
         # Batch shapes are fixed, so let cuDNN time its conv algorithms once and keep the fastest (airbench does).
@@ -29,15 +43,24 @@ def create_accelerator(**kwargs) -> Accelerator:
 
 
 def use_all_cores() -> None:
-    """Give each local process its share of the cores.
+    """Give each local process its share of the cores, or RESNET_THREADS threads when set.
 
     accelerate launch sets OMP_NUM_THREADS=1 whenever the config lacks ``use_cpu: true`` (bf16.yaml,
-    for one), which halves CPU training speed on a 2-core machine without a word.
+    for one), which halves CPU training speed on a 2-core machine without a word. RESNET_THREADS is for
+    sharing a machine (the tests run two at once with one thread each).
     """
+    if os.environ.get("RESNET_THREADS", "").isdigit():
+        torch.set_num_threads(max(1, int(os.environ["RESNET_THREADS"])))
+        return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if torch.get_num_threads() < share:
         torch.set_num_threads(share)
+
+
+def precision_of(accelerator: Accelerator) -> str:
+    """The precision the run computes in: fp32, bf16 or fp16."""
+    return {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
 
 
 def scaled_lr(lr: float, rule: str, num_processes: int) -> float:

@@ -42,6 +42,9 @@ def train_one_epoch(
     ``lookahead`` (optim.LookaheadEMA) steps after every update and syncs the weights at the epoch's end.
     """
     model.train()
+    # The lr of the first update too: a resumed optimizer comes back with the lr it was saved with, which
+    # belongs to another position when the global batch size changed.
+    scheduler.step_update(global_step)
     device = accelerator.device
     carry = carry or {}
     loss_sum = torch.tensor(float(carry.get("loss_sum", 0.0)), device=device)

@@ -18,16 +18,20 @@ import difflib
 import hashlib
 import itertools
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
+from .checkpoint import newest_complete_state
 from .config import TrainConfig, build_parser
 
 # Located from this file, not from `resnet.__file__`: the package has no __init__.py (namespace package).
@@ -190,9 +194,9 @@ def run_state(run_dir: Path) -> str:
                 return "finished"
         except (ValueError, OSError, AttributeError):
             pass  # unreadable: let the state decide
-    trainer = run_dir / "state" / "trainer.json"
-    if trainer.is_file():
-        if not summary.exists() and _state_reached_epochs(run_dir):
+    state = newest_complete_state(run_dir)  # state/, or what a kill in the middle of a save left
+    if state is not None:
+        if not summary.exists() and _state_reached_epochs(run_dir, state):
             return "finished"
         return "resumable"
     if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -200,10 +204,10 @@ def run_state(run_dir: Path) -> str:
     return "new"
 
 
-def _state_reached_epochs(run_dir: Path) -> bool:
+def _state_reached_epochs(run_dir: Path, state: Path) -> bool:
     """Runs from before summary.json existed: finished when the saved state reached the configured epochs."""
     try:
-        done = json.loads((run_dir / "state" / "trainer.json").read_text())["epoch"]
+        done = json.loads((state / "trainer.json").read_text())["epoch"]
         return int(done) >= int(yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"])
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return False
@@ -231,6 +235,65 @@ def launch_command(train_args: Sequence[str], config_file: str | None = None) ->
     if config_file:
         cmd += ["--config_file", str(config_file)]
     return [*cmd, str(TRAIN_SCRIPT), *train_args]
+
+
+class ChildStop:
+    """While a launch runs, SIGINT and SIGTERM to the grid go to the launch's own process group, in order:
+    the first asks the run to save and stop (train.py does so after its step), the second to stop at once
+    (train.py's second Ctrl-C), any later one kills the group. Between launches Python's own handling
+    stops the grid.
+
+    The launch has a process group of its own so that a terminal's Ctrl-C reaches train.py once, through
+    the grid, and so that the whole launch (accelerate and its train.py processes) can be signalled and
+    waited for: ``accelerate launch`` neither passes a signal on to its single child nor waits for it
+    once it is interrupted itself.
+    """
+
+    def __init__(self) -> None:
+        self.group: int | None = None
+        self.count = 0
+
+    def __call__(self, signum: int, frame) -> None:
+        self.count += 1
+        if self.group is None:
+            return  # the launch is starting: run_to_the_end passes the stop on once it has a group
+        if self.count == 1:
+            print(f"\n{signal.Signals(signum).name}: asking the run to save and stop (again to stop it at once)",
+                  flush=True)
+        _signal_group(self.group, signum if self.count <= 2 else signal.SIGKILL)
+
+
+def _signal_group(group: int, signum: int) -> bool:
+    """Send ``signum`` to a process group; False once no process of it is left."""
+    try:
+        os.killpg(group, signum)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def run_to_the_end(cmd: list[str], stop: ChildStop | None = None) -> int:
+    """Run one launch in a process group of its own and wait until every process of it has exited.
+
+    Raises KeyboardInterrupt after the launch has ended when a signal asked the grid to stop.
+    """
+    stop = stop or ChildStop()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        child = subprocess.Popen(cmd, start_new_session=True)
+        stop.group = child.pid
+        if stop.count:  # a signal came while the launch was starting
+            _signal_group(child.pid, signal.SIGINT)
+        code = child.wait()
+        while _signal_group(child.pid, 0):  # train.py may outlive accelerate launch: wait for it too
+            time.sleep(0.1)
+    finally:
+        stop.group = None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stop.count:
+        raise KeyboardInterrupt
+    return code
 
 
 def build_parser_grid() -> argparse.ArgumentParser:
@@ -283,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(shlex.join(cmd), flush=True)
                 continue
             print(f"[{i}/{len(runs)}] {run.name}: {notes[state]}\n  {shlex.join(cmd)}", flush=True)
-            code = subprocess.run(cmd).returncode
+            code = run_to_the_end(cmd)
             if code == 0:
                 finished += 1
             else:

@@ -115,12 +115,15 @@ def log_to_training_run(requested_mode: str, run_dir: Path, report: dict, matrix
 
     project = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("wandb_project", "cifar10-resnet") \
         if (run_dir / "config.yaml").is_file() else "cifar10-resnet"
-    name = report["data"]
+    # Under eval/: the training run's own val/acc (its validation during training) must stay as it was.
+    prefix = f"eval/{report['data']}"
     run = wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir), mode=mode)
     try:
-        run.log({f"{name}/{k}": v for k, v in wandb_class_report(matrix, classes, f"{name}, TTA {report['tta']}").items()})
-        run.summary.update({f"{name}/acc": report["accuracy"], f"{name}/loss": report["loss"], f"{name}/tta": report["tta"]})
-        printer(f"logged {name}/acc into W&B run {run_id}")
+        title = f"{report['data']}, TTA {report['tta']}"
+        run.log({f"{prefix}/{k}": v for k, v in wandb_class_report(matrix, classes, title).items()})
+        run.summary.update({f"{prefix}/acc": report["accuracy"], f"{prefix}/loss": report["loss"],
+                            f"{prefix}/tta": report["tta"]})
+        printer(f"logged {prefix}/acc into W&B run {run_id}")
         print_sync_hint(run, printer)
     finally:
         run.finish()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -276,6 +277,17 @@ def per_image_transform(cfg: AugmentConfig, mean: tuple[float, ...], std: tuple[
     return T.Compose(steps)
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """Workers ignore SIGINT and SIGTERM, which Ctrl-C and job schedulers send to the whole process group.
+
+    Killed by them, a worker would take the batch in flight with it, and the main process would stop with
+    DataLoader's traceback instead of saving. The main process stops after its step and shuts its workers
+    down; a worker whose main process died exits by itself (DataLoader's watchdog).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class WorkerLoader:
     """The per-image path with DeviceLoader's interface and guarantees, yielding batches on ``device``.
 
@@ -308,7 +320,8 @@ class WorkerLoader:
         # otherwise advance the global torch RNG (the images reseed per image anyway).
         self.loader = DataLoader(dataset, batch_sampler=self.sampler,
                                  num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=device.type == "cuda", generator=torch.Generator())
+                                 pin_memory=device.type == "cuda", generator=torch.Generator(),
+                                 worker_init_fn=_leave_stop_signals_to_the_main_process)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -1,14 +1,13 @@
 """Optimizers (no weight decay on norms and biases), lr schedules as functions of the step, airbench's
-Muon-plus-SGD optimizer and its lookahead-EMA, and the EMA of the weights."""
+Muon-plus-SGD optimizer and its lookahead-EMA (the EMA of the weights: ema.py).
+
+timm is imported where it is used, not here: it takes ~4 s to import (torchvision and torch._dynamo with
+it), and every process of the suite and its tests imports this module."""
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
-from timm.optim import Lookahead
-from timm.optim.muon import muon as muon_update
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim.sgd import sgd as sgd_update
 
@@ -106,6 +105,8 @@ class MuonSGD(torch.optim.Optimizer):
             if not params:
                 continue
             if group["muon"]:
+                from timm.optim.muon import muon as muon_update  # timm takes ~4 s to import
+
                 for p in params:
                     p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
                 for p in params:
@@ -142,8 +143,12 @@ def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
         opt = MuonSGD(groups, lr=lr, momentum=momentum, muon_momentum=muon_momentum)
     else:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULT_LR)}")
+    if not lookahead:
+        return opt
+    from timm.optim import Lookahead  # timm takes ~4 s to import: only when asked for
+
     # Lookahead shares the base optimizer's param_groups, so the scheduler still sets the lr.
-    return Lookahead(opt, alpha=0.5, k=6) if lookahead else opt
+    return Lookahead(opt, alpha=0.5, k=6)
 
 
 class StepSchedule:
@@ -247,37 +252,3 @@ class LookaheadEMA:
         ema = state.get("ema")
         live = self.model.state_dict()
         self.ema = None if ema is None else {k: v.to(live[k].device, live[k].dtype) for k, v in ema.items()}
-
-
-class ModelEma(ModelEmaV3):
-    """timm's ModelEmaV3 (same decay, warm-up and averages, bit for bit), with its tensors found once.
-
-    ModelEmaV3 walks both models' state dicts at every update: for the report net that is 340 detach ops
-    and 28 one-element copies (BatchNorm's step counters) around its one foreach lerp, 369 of the 906 tensor
-    ops of a best.yaml step (bench/host_ops.py). On a GPU each op costs the host a few microseconds and the
-    suite's step is bound by the host. Here the first update pairs the tensors themselves (state_dict with
-    keep_vars: they follow every in-place change, optimizer steps and resumed checkpoints included) and
-    later updates are one foreach lerp and one foreach copy. A model whose tensors are replaced rather than
-    changed in place (``.to()`` another device or dtype) must be passed as a new object, or given a new EMA.
-    """
-
-    _pairs: tuple | None = None
-    # A weak reference: storing the model would make it a submodule, and an id() can be reused by a new
-    # model once the old one is freed.
-    _paired_with: weakref.ref | None = None
-
-    def apply_update_(self, model: nn.Module, decay: float) -> None:
-        if not self.foreach:  # the EMA lives on another device: timm's per-tensor path
-            return super().apply_update_(model, decay)
-        if self._paired_with is None or self._paired_with() is not model:
-            floats, counters = ([], []), ([], [])
-            for ema_v, model_v in zip(self.module.state_dict(keep_vars=True).values(),
-                                      model.state_dict(keep_vars=True).values()):
-                group = floats if ema_v.is_floating_point() else counters
-                group[0].append(ema_v)
-                group[1].append(model_v)
-            self._pairs, self._paired_with = (floats, counters), weakref.ref(model)
-        (ema_floats, model_floats), (ema_counters, model_counters) = self._pairs
-        if ema_counters:
-            torch._foreach_copy_(ema_counters, model_counters)
-        self._foreach_lerp_(ema_floats, model_floats, weight=1.0 - decay)

@@ -10,6 +10,7 @@ import csv
 import netrc
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -172,11 +173,16 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = ""):
     return fig
 
 
+# Drawing curves.png costs ~0.5 s and importing matplotlib ~1 s: a run redraws it at most this often, and at its end.
+PLOT_EVERY_S = 60.0
+
+
 class MetricsLog:
-    """Append one row per epoch to metrics.csv and redraw curves.png; main process only."""
+    """Append one row per epoch to metrics.csv and redraw curves.png now and then; main process only."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path, self.png, self.enabled = run_dir / METRICS_FILE, run_dir / CURVES_FILE, enabled
+        self._plotted = time.monotonic()
 
     def rows(self) -> list[dict[str, str]]:
         if not self.path.is_file():
@@ -197,22 +203,28 @@ class MetricsLog:
             writer.writeheader()
             writer.writerows(rows)
 
-    def append(self, row: dict[str, Any]) -> None:
+    def append(self, row: dict[str, Any], last: bool = False) -> None:
+        """Add an epoch's row; redraw the curves when ``last`` (the run ends) or PLOT_EVERY_S after the last time."""
         if not self.enabled:
             return
         rows = self.rows()
         fields = list(rows[0]) if rows else []
         fields += [k for k in row if k not in fields]
         self._write(rows + [{k: _fmt(v) for k, v in row.items()}], fields)
-        self.plot()
+        if last or time.monotonic() - self._plotted > PLOT_EVERY_S:
+            self.plot()
 
     def plot(self) -> None:
+        """Redraw curves.png from metrics.csv (nothing without rows)."""
+        rows = self.rows() if self.enabled else []
+        if not rows:
+            return
+        self._plotted = time.monotonic()
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = self.rows()
         epochs = [int(r["epoch"]) for r in rows]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         for ax, key in zip(axes, ("loss", "acc", "lr")):

@@ -10,21 +10,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from . import checkpoint as ckpt
 from .augment import AugmentConfig, BatchAugment, normalize
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
-from .distributed import create_accelerator, scaled_lr
+from .distributed import create_accelerator, precision_of, scaled_lr
 from .data import CLASSES, MEAN, STD, cifar10_splits
 from .engine import confusion_matrix, evaluate, train_one_epoch
 from .interrupt import StopRequest, Stopped
 from .loader import DeviceLoader, eval_loader, per_image_transform, to_chw_tensor, worker_loader
 from .models import count_parameters, create_model, has_whitening, list_models, parse_head_scale
-from .optim import (DEFAULT_LR, DEFAULT_WEIGHT_DECAY, LookaheadEMA, ModelEma, create_optimizer, create_scheduler,
-                    per_1024_images)
+from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, LookaheadEMA, create_optimizer, create_scheduler, per_1024_images
 from .identity import activation_of, run_group, run_name
 from .tracking import (MetricsLog, define_wandb_metrics, environment_info, print_sync_hint, resolve_wandb_mode,
                        wandb_class_report, wandb_image_grid, wandb_init_kwargs, wandb_row, wandb_run_id)
@@ -190,6 +187,20 @@ def fit_whitening(model: nn.Module, images, device: torch.device) -> None:
         model.init_whitening(normalize(to_chw_tensor(images[:WHITEN_IMAGES]).to(device).float() / 255, MEAN, STD))
 
 
+def sync_buffers(accelerator: Accelerator, *modules: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics) of ``modules``, as DDP does at each forward.
+
+    Parameters agree on every rank already (the same averaged gradients, the same updates), but each
+    rank's BatchNorm statistics follow its own batches since its last forward through DDP. An EMA
+    model never goes through DDP: without this the ranks would validate different EMA models, and rank
+    0 would save one that the others never evaluated.
+    """
+    if accelerator.num_processes > 1:
+        for module in modules:
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+
 def agreed(accelerator: Accelerator, flag: bool) -> bool:
     """True on every rank when it is true on any (signals reach ranks at slightly different moments)."""
     if accelerator.num_processes == 1:
@@ -212,7 +223,8 @@ def resume_position(trainer: dict, steps_per_epoch: int, global_batch: int) -> t
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train per ``cfg``; returns the final epoch's metrics, ``best_val_acc``, ``run_dir`` and the trained ``model``.
+    """Train per ``cfg``; returns the final epoch's metrics, ``best_val_acc``, ``run_dir``, the trained ``model``
+    and its ``ema`` (the averaged model, or None).
 
     Raises ``Stopped`` after saving a resumable state when SIGTERM/SIGINT arrives, and without saving
     anything when the loss stops being finite.
@@ -250,7 +262,11 @@ def train(cfg: TrainConfig) -> dict:
                                  muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
     # timm's warm-up (decay min(d, 1 - (1 + step)^-2/3)): without it a long-run decay such as 0.9998 leaves
     # the average of a short run close to the random initial weights.
-    ema = ModelEma(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
+    ema = None
+    if cfg.ema_decay:
+        from .ema import ModelEma  # imports timm (~4 s): only for runs with an EMA
+
+        ema = ModelEma(model, decay=cfg.ema_decay, use_warmup=True)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if cfg.sync_bn and accelerator.num_processes > 1:
@@ -271,11 +287,14 @@ def train(cfg: TrainConfig) -> dict:
                                  cfg.lookahead_ema_decay, cfg.lookahead_ema_power,
                                  round(cfg.lookahead_ema_start * steps_per_epoch), total_steps)
         accelerator.register_for_checkpointing(lookahead)
-    mixup = None
+    mixup, loss_fn = None, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if cfg.mixup or cfg.cutmix:
+        from timm.data import Mixup  # timm takes ~4 s to import: only when asked for
+        from timm.loss import SoftTargetCrossEntropy
+
+        loss_fn = SoftTargetCrossEntropy()
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
                       label_smoothing=cfg.label_smoothing, num_classes=len(CLASSES))
-    loss_fn = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     meta = {"model": cfg.model, "model_kwargs": model_kwargs(cfg), "classes": list(CLASSES), "mean": list(MEAN),
             "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed, "tta": cfg.tta}
@@ -284,13 +303,20 @@ def train(cfg: TrainConfig) -> dict:
                "started_at": started_at}
     if cfg.resume:
         trainer.update(ckpt.load_state(accelerator, run_dir))
-        metrics.truncate_after(trainer["epoch"])
-        if trainer["epoch"] >= n_epochs:
-            accelerator.print(f"{run_dir} already finished {trainer['epoch']} epochs; pass --epochs N to train longer")
+    start_epoch, skip = resume_position(trainer, steps_per_epoch, global_batch)
+    if start_epoch * steps_per_epoch + skip >= total_steps:
+        done = trainer["epoch"] + trainer.get("step_in_epoch", 0) / steps_per_epoch
+        accelerator.print(f"{run_dir} already trained {done:g} epochs; pass --epochs N to train longer")
+        accelerator.end_training()
+        return {"best_val_acc": trainer["best_val_acc"], "run_dir": str(run_dir),
+                "model": accelerator.unwrap_model(model, keep_torch_compile=False)}
+    if cfg.resume:
+        metrics.truncate_after(trainer["epoch"])  # the rows of epochs to be run (again), a cut last one included
+    precision = precision_of(accelerator)
     if accelerator.is_main_process:
         # After a resume has loaded its state: one that cannot (another --model-kwargs) leaves config.yaml as it was.
-        save_config(cfg, run_dir / "config.yaml")
-    start_epoch, skip = resume_position(trainer, steps_per_epoch, global_batch)
+        save_config(cfg, run_dir / "config.yaml", f"precision used: {precision} (from the accelerate config; "
+                                                 "not a train.py flag)")
     carry = trainer.get("partial") if skip else None
 
     wandb_run = start_wandb(cfg, accelerator, wandb_mode, run_dir, n_params)
@@ -303,7 +329,7 @@ def train(cfg: TrainConfig) -> dict:
         f"global batch {global_batch} ({n_proc} process{'es' if n_proc > 1 else ''} x {cfg.batch_size}), "
         f"lr {lr:g}{f' ({cfg.lr_scale}-scaled from {base_lr:g})' if cfg.lr_scale != 'none' and lr != base_lr else ''}"
         f"{f' ({base_lr:g} per 1024 images)' if cfg.lr_unit == 'image1024' else ''} | {cfg.model} "
-        f"({n_params:,} parameters) on {accelerator.device.type}, precision {accelerator.mixed_precision} | "
+        f"({n_params:,} parameters) on {accelerator.device.type}, precision {precision} | "
         f"{len(train_set.labels):,} train / {len(val_set.labels):,} val images, {steps_per_epoch} steps/epoch | "
         f"run {run_dir}"
         + (f" | resumed at epoch {start_epoch + 1}, step {skip}" if cfg.resume else "")
@@ -321,9 +347,10 @@ def train(cfg: TrainConfig) -> dict:
             speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
             best = trainer["best_val_acc"]
             ckpt.write_summary(run_dir, {
-                "finished": finished, "epochs_done": trainer["epoch"], "epochs": cfg.epochs, "params": n_params,
+                "finished": finished,
+                "epochs_done": trainer["epoch"] + trainer["step_in_epoch"] / steps_per_epoch, "epochs": cfg.epochs, "params": n_params,
                 "best_val_acc": best if best >= 0 else None, "best_epoch": trainer["best_epoch"],
-                "train_time_s": trainer["train_time_s"],
+                "train_time_s": trainer["train_time_s"], "precision": precision,
                 "images_per_sec": sum(speeds) / len(speeds) if speeds else None,
                 "started_at": trainer["started_at"], **identity})
 
@@ -332,26 +359,31 @@ def train(cfg: TrainConfig) -> dict:
         try:
             for epoch in range(start_epoch, n_epochs):
                 train_loader.set_epoch(epoch, skip)
-                partial = carry if accelerator.is_main_process else {"elapsed": (carry or {}).get("elapsed", 0.0)}
+                carried_time = (carry or {}).get("elapsed", 0.0)  # already counted in train_time_s
+                partial = carry if accelerator.is_main_process else {"elapsed": carried_time}
+                steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)  # < a full epoch: cut
                 stats = train_one_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn,
                                         epoch * steps_per_epoch + skip, epoch + 1, mixup=mixup, ema=ema,
                                         clip_grad=cfg.clip_grad, progress=cfg.progress, start_step=skip,
                                         carry=partial, stop=lambda: stop.signum is not None,
-                                        steps=min(steps_per_epoch, total_steps - epoch * steps_per_epoch),
-                                        lookahead=lookahead)
+                                        steps=steps, lookahead=lookahead)
                 skip, carry = 0, None
+                train_time = trainer["train_time_s"] + stats["epoch_time"] - carried_time
                 if stats["nonfinite"]:
                     raise Stopped(
                         f"error: the training loss became non-finite (nan/inf) at epoch {epoch + 1}, step "
                         f"{stats['step_in_epoch']}/{steps_per_epoch}; nothing was saved after epoch {trainer['epoch']} "
                         f"(the last good state and weights are kept in {run_dir}). Try a lower --lr or --clip-grad 1.0", 3)
                 if stats["stopped"]:
-                    save_trainer(epoch=epoch, step_in_epoch=stats["step_in_epoch"], partial=stats["train_sums"])
+                    metrics.plot()
+                    save_trainer(epoch=epoch, step_in_epoch=stats["step_in_epoch"], partial=stats["train_sums"],
+                                 train_time_s=train_time)
                     raise _stopped(stop, run_dir, f"epoch {epoch + 1}, step {stats['step_in_epoch']}/{steps_per_epoch}")
                 global_step = stats["global_step"]
                 row = {"epoch": epoch + 1, "step": global_step,
                        **{k: v for k, v in stats.items() if k not in ("global_step", "step_in_epoch", "stopped",
                                                                       "nonfinite", "train_sums")}}
+                sync_buffers(accelerator, accelerator.unwrap_model(model), *([ema.module] if ema is not None else []))
                 eval_model = ema.module if ema is not None else model
                 last = epoch + 1 == n_epochs
                 if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
@@ -367,14 +399,18 @@ def train(cfg: TrainConfig) -> dict:
                 row["elapsed"] = time.perf_counter() - started  # seconds since start-up, evaluations included
                 accelerator.log(wandb_row(row))
                 if accelerator.is_main_process:
-                    metrics.append(row)
+                    metrics.append(row, last=last)
                     weights = accelerator.unwrap_model(eval_model, keep_torch_compile=False)
                     epoch_meta = {**meta, "epoch": epoch + 1, "val_acc": row.get("val_acc")}
                     ckpt.save_weights(run_dir / "last.safetensors", weights, epoch_meta)
                     if improved or val_loader is None:
                         ckpt.save_weights(run_dir / "best.safetensors", weights, epoch_meta)
-                save_trainer(epoch=epoch + 1, step_in_epoch=0, partial=None,
-                             train_time_s=trainer["train_time_s"] + stats["epoch_time"])
+                if steps < steps_per_epoch:
+                    # A cut last epoch is saved as a position inside it, with its sums: a longer --epochs on
+                    # resume continues it (and replaces its row) instead of skipping its rest.
+                    save_trainer(epoch=epoch, step_in_epoch=steps, partial=stats["train_sums"], train_time_s=train_time)
+                else:
+                    save_trainer(epoch=epoch + 1, step_in_epoch=0, partial=None, train_time_s=train_time)
                 write_summary(finished=last)
                 if wandb_run is not None:
                     wandb_run.summary.update({"best/val_acc": trainer["best_val_acc"], "best/epoch": trainer["best_epoch"],
@@ -388,11 +424,13 @@ def train(cfg: TrainConfig) -> dict:
                     accelerator.print(f"torch.compile: the first step took {row['first_step_time']:.1f}s "
                                       "(one-off compile cost)")
                 if not last and agreed(accelerator, stop.signum is not None):
+                    metrics.plot()
                     raise _stopped(stop, run_dir, f"the end of epoch {epoch + 1}")
         finally:
             accelerator.end_training()
     return {**row, "best_val_acc": trainer["best_val_acc"], "run_dir": str(run_dir),
-            "model": accelerator.unwrap_model(model, keep_torch_compile=False)}
+            "model": accelerator.unwrap_model(model, keep_torch_compile=False),
+            "ema": ema.module if ema is not None else None}
 
 
 def start_wandb(cfg: TrainConfig, accelerator: Accelerator, mode: str, run_dir: Path, n_params: int):

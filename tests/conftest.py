@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Under pytest-xdist the workers share the cores: one thread per process (inherited by every launch), as
+# two processes of two threads each spend much of their time waiting on each other's cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["RESNET_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
 PER_BATCH = 80  # 5 train batches -> 400 images; test batch -> 100
 
 
@@ -78,9 +84,48 @@ def run_cli(*args: str, config: str | None = "cpu.yaml", timeout: int = 300, che
     return proc
 
 
+def start_and_signal(cmd: list[str], signum: int, when: re.Pattern, timeout: float = 240,
+                     group: bool = True) -> tuple[int, str, str]:
+    """Run ``cmd`` in its own process group and send ``signum`` to the group once stderr matches ``when``,
+    as Ctrl-C or a scheduler's preemption does (``group=False``: to the process alone, as ``kill PID``).
+    Returns (exit code, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    err: list[str] = []
+    sent = threading.Event()
+
+    def read_stderr() -> None:
+        while chunk := proc.stderr.read(1):
+            err.append(chunk)
+            if not sent.is_set() and when.search("".join(err[-400:])):
+                (os.killpg if group else os.kill)(proc.pid, signum)
+                sent.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    out = proc.stdout.read()
+    proc.wait(timeout=timeout)
+    reader.join(timeout=10)
+    assert sent.is_set(), "the run finished before the signal could be sent:\n" + "".join(err)[-2000:]
+    return proc.returncode, out, "".join(err)
+
+
 # Flags that make a training run take seconds on the synthetic data.
 TINY_RUN = ["--model", "resnet_tiny_20k", "--batch-size", "32", "--val-split", "100", "--no-progress",
             "--no-download"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests that share an expensive module- or session-scoped fixture (a trained run) go to one xdist worker
+# (--dist loadgroup in pytest.ini), which builds it once instead of once per worker.
+SHARED_FIXTURES = ("trained_run", "wandb_run", "three_epochs", "pool", "run")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 # ------------------------------------------------------------------------------------------------

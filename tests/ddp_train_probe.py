@@ -1,7 +1,7 @@
 """Launched by test_distributed.py under `accelerate launch`: train, then save what this rank holds.
 
 Usage: ddp_train_probe.py OUT_DIR [train.py flags] -> OUT_DIR/rank<r>.pt with rank, world size,
-final train loss and the model's state dict.
+final train loss, the model's state dict and, with --ema-decay, the EMA's.
 """
 import sys
 from pathlib import Path
@@ -18,9 +18,11 @@ from resnet.training import train  # noqa: E402
 def main(out_dir: str, *flags: str) -> None:
     result = train(parse_config(TrainConfig, flags))
     state = PartialState()
-    torch.save({"rank": state.process_index, "world_size": state.num_processes, "train_loss": result["train_loss"],
-                "state": {k: v.detach().cpu() for k, v in result["model"].state_dict().items()}},
-               Path(out_dir, f"rank{state.process_index}.pt"))
+    held = {"rank": state.process_index, "world_size": state.num_processes, "train_loss": result["train_loss"]}
+    for key in ("model", "ema"):
+        if result[key] is not None:
+            held["state" if key == "model" else "ema"] = {k: v.detach().cpu() for k, v in result[key].state_dict().items()}
+    torch.save(held, Path(out_dir, f"rank{state.process_index}.pt"))
 
 
 if __name__ == "__main__":

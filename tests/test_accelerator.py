@@ -18,10 +18,14 @@ def test_cpu_processes_get_their_share_of_the_cores(monkeypatch, local_world_siz
     cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
+    monkeypatch.delenv("RESNET_THREADS", raising=False)
     try:
         torch.set_num_threads(1)  # what accelerate launch leaves behind with OMP_NUM_THREADS=1
         use_all_cores()
         assert torch.get_num_threads() == max(1, cores // local_world_size)
+        monkeypatch.setenv("RESNET_THREADS", "1")  # an explicit share wins
+        use_all_cores()
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -37,3 +41,27 @@ def test_fp16_is_refused_on_cpu():
             create_accelerator(mixed_precision="fp16")
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_native_bf16_follows_the_cpu_unless_overridden(monkeypatch):
+    from resnet import hardware
+
+    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
+    assert hardware.cpu_has_native_bf16() == any(hardware.cpu_bf16_features().values())
+    for value, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv(hardware.FORCE_ENV, value)
+        assert hardware.cpu_has_native_bf16() is expected
+    assert hardware.cpu_model() in hardware.describe_cpu()
+
+
+def test_hardware_command_names_the_cpu_and_the_config_to_use():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "resnet.hardware"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("CPU: ") and "bf16" in out.stdout
+    assert any(f"accelerate_configs/{name}" in out.stdout for name in ("cpu.yaml", "bf16.yaml", "single_gpu.yaml"))

@@ -118,12 +118,26 @@ def test_fp16_on_cpu_is_refused_with_advice(cifar_dir, tmp_path):
 
 
 def test_every_augmentation_through_the_cli(cifar_dir, tmp_path):
-    run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "1", "--run-dir", str(tmp_path / "r"),
-            "--wandb", "off", "--crop-scale", "0.35", "--rotation", "15", "--vflip", "0.5", "--color-jitter", "0.4",
-            "--hue", "0.1", "--blur-sigma", "1.5", "--cutout", "8", "--mixup", "0.2", "--cutmix", "1.0",
-            "--ema-decay", "0.9", "--clip-grad", "5", "--activation", "gelu", "--opt", "nesterov",
-            config="bf16.yaml")
+    """In bf16 on any CPU (RESNET_CPU_BF16=1: the numerics are under test here, not the speed)."""
+    proc = run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "1", "--run-dir",
+                   str(tmp_path / "r"), "--wandb", "off", "--crop-scale", "0.35", "--rotation", "15", "--vflip", "0.5",
+                   "--color-jitter", "0.4", "--hue", "0.1", "--blur-sigma", "1.5", "--cutout", "8", "--mixup", "0.2",
+                   "--cutmix", "1.0", "--ema-decay", "0.9", "--clip-grad", "5", "--activation", "gelu", "--opt",
+                   "nesterov", config="bf16.yaml", env={"RESNET_CPU_BF16": "1"})
     assert (tmp_path / "r" / "best.safetensors").is_file()
+    assert "precision bf16" in proc.stdout and "not the bf16 asked for" not in proc.stdout
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["precision"] == "bf16"
+
+
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(cifar_dir, tmp_path):
+    """RESNET_CPU_BF16=0 makes this CPU one without AVX512-BF16 or AMX, as most laptops are."""
+    proc = run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "1", "--run-dir",
+                   str(tmp_path / "r"), "--wandb", "off", config="bf16.yaml", env={"RESNET_CPU_BF16": "0"})
+    lines = [line for line in proc.stdout.splitlines() if "not the bf16 asked for" in line]
+    assert len(lines) == 1 and lines[0].startswith("precision: fp32, not the bf16 asked for: this CPU (")
+    assert "precision fp32" in proc.stdout
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["precision"] == "fp32"
+    assert (tmp_path / "r" / "config.yaml").read_text().startswith("# precision used: fp32")
 
 
 def _train_in_process(args: list[str]) -> dict:

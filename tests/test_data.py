@@ -2,6 +2,7 @@ import os
 import pickle
 import re
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +296,35 @@ def test_python2_pickle_as_in_the_official_files(tmp_path):
     batch = data.safe_load_pickle(path)
     assert batch["labels"] == [1, 2] and batch["data"].dtype == np.uint8
     assert batch["data"].tobytes() == pixels
+
+
+class _Reused:
+    """Pickles as one array of ``data``; many instances sharing one bytes object pickle it once (memoised)."""
+
+    def __init__(self, data: bytes, protocol5: bool):
+        self.data, self.protocol5 = data, protocol5
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+        from numpy._core.numeric import _frombuffer
+
+        if self.protocol5:  # a view of the bytes, byte-swapped: converting it to native order copies it
+            return _frombuffer, (self.data, np.dtype(">u8"), (len(self.data) // 8,), "C")
+        return _reconstruct, (np.ndarray, (0,), b"b"), (1, (len(self.data),), np.dtype("u1"), False, self.data)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_one_block_of_bytes_reused_by_many_arrays_is_refused(tmp_path, protocol):
+    """Each array alone fits in the file; together 300 copies of its 100 kB would take 30 MB."""
+    block = bytes(100_000)
+    path = tmp_path / "reused.pkl"
+    path.write_bytes(pickle.dumps({"data": [_Reused(block, protocol == 5) for _ in range(300)]}, protocol=protocol))
+    assert path.stat().st_size < 120_000
+    tracemalloc.start()
+    try:
+        message = _msg(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert re.search(r"refused: the arrays of this file would take more than its own [\d,]+ bytes", message)
+    assert peak < 5 * path.stat().st_size  # refused before the copies were made

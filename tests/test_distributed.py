@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_RUN, run_cli, write_custom_pickle
 from resnet.data import MEAN, STD, load_custom_pickle
@@ -70,7 +71,7 @@ SAME_GLOBAL_BATCH = [*TINY_RUN[:2], "--epochs", "1", "--val-split", "100", "--no
 
 
 def test_ranks_agree_and_match_a_single_process_run_with_the_same_global_batch(cifar_dir, tmp_path):
-    flags = [*SAME_GLOBAL_BATCH, "--data-dir", str(cifar_dir)]
+    flags = [*SAME_GLOBAL_BATCH, "--data-dir", str(cifar_dir), "--ema-decay", "0.9"]
     two = _probe_train(tmp_path / "two", "cpu_ddp.yaml", *flags, "--batch-size", "16", "--run-dir",
                        str(tmp_path / "two_run"))
     one = _probe_train(tmp_path / "one", "cpu.yaml", *flags, "--batch-size", "32", "--run-dir",
@@ -80,6 +81,11 @@ def test_ranks_agree_and_match_a_single_process_run_with_the_same_global_batch(c
     # After training, both ranks hold identical parameters (DDP keeps them in step).
     for k, v in two["rank0"]["state"].items():
         assert torch.equal(v, two["rank1"]["state"][k]), k
+    # The EMA too, BatchNorm statistics included (each rank's follow its own batches until synced), and it is
+    # the EMA that rank 0 saved: every rank validated the model that was written.
+    saved = load_file(str(tmp_path / "two_run" / "last.safetensors"))
+    for k, v in two["rank0"]["ema"].items():
+        assert torch.equal(v, two["rank1"]["ema"][k]) and torch.equal(v, saved[k]), k
     # Same global batches, same seed: the loss agrees within a small tolerance.
     assert two["rank0"]["train_loss"] == pytest.approx(one["rank0"]["train_loss"], rel=0.03)
     drift = max((two["rank0"]["state"][k].float() - v.float()).abs().max().item()

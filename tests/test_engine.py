@@ -116,13 +116,21 @@ def test_package_import_stays_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_training_imports_timm_only_for_the_techniques_that_use_it():
+    """timm (with torchvision and torch._dynamo) takes ~4 s to import: a default run's start-up skips it."""
+    code = "import sys, resnet.training, resnet.inference; print('timm' in sys.modules, 'torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False False"
+
+
 def test_pyproject_matches_requirements_and_version():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "resnet.__version__"}
     pins = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
-    test_tools = {"pytest", "hypothesis"}
+    test_tools = {"pytest", "pytest-xdist", "hypothesis"}
     assert project["project"]["dependencies"] == [p for p in pins if p.split("==")[0] not in test_tools]
     assert sorted(project["project"]["optional-dependencies"]["test"]) == \
         sorted(p for p in pins if p.split("==")[0] in test_tools)

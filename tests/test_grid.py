@@ -4,13 +4,14 @@ import itertools
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_RUN
+from conftest import ROOT, TINY_RUN, start_and_signal
 from resnet import grid
 from resnet.config import TrainConfig, parse_config, save_config
 
@@ -172,7 +173,7 @@ def test_a_failure_is_reported_and_the_grid_goes_on(tmp_path, capsys, monkeypatc
         (Path(cfg.run_dir) / "summary.json").write_text(json.dumps({"finished": True}))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(grid.subprocess, "run", fake_run)
+    monkeypatch.setattr(grid, "run_to_the_end", lambda cmd: fake_run(cmd).returncode)
     args = [str(tmp_path), "--set", "lr=0.1,0.2,0.3"]
     assert grid.main(args) == 1
     out = capsys.readouterr().out
@@ -220,3 +221,38 @@ def test_real_grid_goes_on_after_a_failing_run(cifar_dir, tmp_path):
 
     (record,) = [compare.load_run(p) for p in compare.find_runs([tmp_path / "exp"])]
     assert record.params and record.params > 1000 and 0 < record.best_val_acc <= 1 and record.best_epoch == 1
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of the live processes whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if text in cmdline and (proc / "stat").read_text().split(") ")[-1][0] != "Z":
+                found.append(cmdline)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="reads running processes from /proc")
+def test_sigint_to_the_grid_stops_it_after_its_run_has_saved_and_exited(cifar_dir, tmp_path):
+    """SIGINT to the grid alone while a run trains (`kill -INT <grid>`; a terminal's Ctrl-C also reaches the
+    grid alone, the launch has its own process group): the run saves and exits, and only then does the grid;
+    no process of the launch outlives it."""
+    exp = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "resnet.grid", str(exp), "--set", "hflip=0.5",
+           "--config-file", str(ROOT / "accelerate_configs" / "cpu.yaml"), "--",
+           "--model", "resnet18_narrow_3m", "--batch-size", "2", "--val-split", "100", "--train-subset", "120",
+           "--no-download", "--wandb", "off", "--epochs", "2", "--progress", "--data-dir", str(cifar_dir)]
+    code, out, err = start_and_signal(cmd, signal.SIGINT, re.compile(r"epoch 1: +[1-4]\d%"), group=False)
+    left = processes_naming(str(exp))
+    assert not left, f"still running after the grid exited: {left}"
+    assert code == 130, out + err[-2000:]
+    assert "interrupted; run the same command again to continue where it stopped" in out
+    assert re.search(r"stopped by SIGINT at epoch 1, step \d+/60; state saved", err)
+    run_dir = exp / "hflip-0.5_seed-0"
+    assert grid.run_state(run_dir) == "resumable"
+    assert json.loads((run_dir / "state" / "trainer.json").read_text())["step_in_epoch"] > 0

@@ -7,7 +7,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from resnet.models import create_model
-from resnet.optim import ModelEma, create_optimizer, create_scheduler
+from resnet.ema import ModelEma
+from resnet.optim import create_optimizer, create_scheduler
 
 
 def test_no_weight_decay_on_norms_and_biases():

@@ -2,20 +2,21 @@
 import csv
 import hashlib
 import json
+import math
 import os
 import re
+import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_RUN, run_cli
+from conftest import ROOT, TINY_RUN, run_cli, start_and_signal
 from resnet import checkpoint, training
 from resnet.config import TrainConfig, parse_config
 from resnet.interrupt import Stopped
@@ -52,30 +53,6 @@ SLOW_EPOCH = ["--model", "resnet18_narrow_3m", "--batch-size", "2", "--val-split
               "--no-download", "--wandb", "off", "--epochs", "2", "--ema-decay", "0.9"]
 
 
-def start_and_signal(cmd: list[str], signum: int, when: re.Pattern, timeout: float = 240) -> tuple[int, str, str]:
-    """Run ``cmd`` in its own process group and send ``signum`` to the group once stderr matches ``when``,
-    as Ctrl-C or a scheduler's preemption does. Returns (exit code, stdout, stderr)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    err: list[str] = []
-    sent = threading.Event()
-
-    def read_stderr() -> None:
-        while chunk := proc.stderr.read(1):
-            err.append(chunk)
-            if not sent.is_set() and when.search("".join(err[-400:])):
-                os.killpg(proc.pid, signum)
-                sent.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    out = proc.stdout.read()
-    proc.wait(timeout=timeout)
-    reader.join(timeout=10)
-    assert sent.is_set(), "the run finished before the signal could be sent:\n" + "".join(err)[-2000:]
-    return proc.returncode, out, "".join(err)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(cifar_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("straight") / "run"
@@ -83,17 +60,18 @@ def uninterrupted(cifar_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
-def stop_mid_epoch(cifar_dir: Path, run_dir: Path, signum: int) -> dict:
+def stop_mid_epoch(cifar_dir: Path, run_dir: Path, signum: int, *flags: str) -> dict:
     """Launch a run, send ``signum`` part-way through epoch 2; check the stop line; return trainer.json."""
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"), "train.py",
-           *SLOW_EPOCH, "--progress", "--data-dir", str(cifar_dir), "--run-dir", str(run_dir)]
+           *SLOW_EPOCH, "--progress", "--data-dir", str(cifar_dir), "--run-dir", str(run_dir), *flags]
     # The progress bar of epoch 2 past its first steps: the signal lands mid-epoch.
     code, out, err = start_and_signal(cmd, signum, re.compile(r"epoch 2: +[1-4]\d%"))
     assert code != 0
     line = f"stopped by {signal.Signals(signum).name} at epoch 2, step "
     assert line in err and f"accelerate launch train.py --resume {run_dir}" in err
-    assert "Traceback" not in err.split(line)[0]  # our line comes first; accelerate's own report may follow
+    # No traceback of ours (accelerate launch, interrupted itself, may print its own KeyboardInterrupt).
+    assert "resnet/" not in err and 'train.py", line' not in err
     trainer = json.loads((run_dir / "state/trainer.json").read_text())
     assert trainer["epoch"] == 1 and 0 < trainer["step_in_epoch"] < 60
     assert trainer["step_in_epoch"] == int(re.search(r"at epoch 2, step (\d+)/60", err).group(1))
@@ -103,6 +81,12 @@ def stop_mid_epoch(cifar_dir: Path, run_dir: Path, signum: int) -> dict:
 def test_ctrl_c_mid_epoch_saves_a_resumable_state(cifar_dir, tmp_path):
     trainer = stop_mid_epoch(cifar_dir, tmp_path / "run", signal.SIGINT)
     assert trainer["partial"]["seen"] == 2 * trainer["step_in_epoch"]  # the epoch's sums so far, for its row
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_too(cifar_dir, tmp_path):
+    """The group's SIGTERM reaches the DataLoader workers as well: they must leave the stop to the main process."""
+    trainer = stop_mid_epoch(cifar_dir, tmp_path / "run", signal.SIGTERM, "--loader", "workers", "--workers", "2")
+    assert trainer["partial"]["seen"] == 2 * trainer["step_in_epoch"]
 
 
 def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(cifar_dir, tmp_path, uninterrupted):
@@ -203,3 +187,121 @@ def test_stopped_is_raised_in_process_with_the_resume_command(cifar_dir, tmp_pat
     assert f"--resume {tmp_path / 'r'}" in str(info.value)
     trainer = json.loads((tmp_path / "r/state/trainer.json").read_text())
     assert (trainer["epoch"], trainer["step_in_epoch"], trainer["partial"]["seen"]) == (0, 1, 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# A save cut at any point: the next --resume continues, losing at most the epoch in flight.
+CRASH_RUN = [*TINY_RUN, "--wandb", "off", "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def three_epochs(cifar_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("three") / "run"
+    run_cli("train.py", *CRASH_RUN, "--data-dir", str(cifar_dir), "--run-dir", str(run_dir), config=None)
+    return run_dir
+
+
+@pytest.mark.parametrize("point, resumes_at", [("tmp-incomplete", 2), ("before-swap", 3), ("between-renames", 3),
+                                               ("before-cleanup", 3), ("mid-cleanup", 3)])
+def test_a_kill_at_any_point_of_a_save_loses_at_most_the_epoch_in_flight(cifar_dir, tmp_path, three_epochs,
+                                                                        point, resumes_at):
+    run_dir = tmp_path / "run"
+    killed = run_cli(str(ROOT / "tests" / "crash_probe.py"), point, "2", *CRASH_RUN, "--data-dir", str(cifar_dir),
+                     "--run-dir", str(run_dir), config=None, check=False)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    # Killed while saving epoch 2 (its line comes after the save).
+    assert "epoch 1/3" in killed.stdout and "epoch 2/3" not in killed.stdout
+    proc = run_cli("train.py", "--resume", str(run_dir), config=None)
+    assert f"resumed at epoch {resumes_at}, step 0" in proc.stdout
+    # Saving goes on past any leftover, and one state folder remains.
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("state")) == ["state"]
+    assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == ["1", "2", "3"]
+    a, b = load_file(str(three_epochs / "last.safetensors")), load_file(str(run_dir / "last.safetensors"))
+    for k in a:  # exactly where the run that was never killed ended
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_a_leftover_state_old_never_stops_a_save(cifar_dir, tmp_path):
+    """The review's case: a stale complete state.old/ beside state/ (a kill between the second rename and the
+    clean-up, by an earlier version) made every later save fail with 'Directory not empty'."""
+    run_dir = tmp_path / "run"
+    run_cli("train.py", *TINY_RUN, "--wandb", "off", "--epochs", "1", "--data-dir", str(cifar_dir),
+            "--run-dir", str(run_dir), config=None)
+    shutil.copytree(run_dir / "state", run_dir / "state.old")
+    (run_dir / "state.tmp").mkdir()  # and a save cut before its trainer.json
+    (run_dir / "state.tmp" / "model.safetensors").write_bytes(b"half")
+    proc = run_cli("train.py", "--resume", str(run_dir), "--epochs", "2", config=None)
+    assert "resumed at epoch 2, step 0" in proc.stdout
+    assert json.loads((run_dir / "state" / "trainer.json").read_text())["epoch"] == 2
+    assert not (run_dir / "state.old").exists() and not (run_dir / "state.tmp").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# A saved config repeats the experiment, never the launch.
+def test_repeating_a_run_from_its_config_leaves_that_run_untouched(cifar_dir, tmp_path):
+    original = tmp_path / "R"
+    run_cli("train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--wandb", "off", "--epochs", "1",
+            "--run-dir", str(original), "--overwrite", config=None)
+    saved = (original / "config.yaml").read_text()
+    assert not {"run_dir", "resume", "overwrite"} & set(yaml.safe_load(saved))
+    assert saved.startswith("# precision used: fp32")
+    # A config.yaml as the suite saved it before: the launch fields included (the review's reproduction).
+    legacy = tmp_path / "legacy.yaml"
+    legacy.write_text(saved + f"run_dir: {original}\nresume: null\noverwrite: true\n")
+    before = {p: digest(p) for p in original.rglob("*") if p.is_file()}
+    work, train = tmp_path / "work", str(ROOT / "train.py")
+    work.mkdir()
+    run_cli(train, "--config", str(original / "config.yaml"), cwd=work, config=None)
+    proc = run_cli(train, "--config", str(legacy), "--seed", "1", cwd=work, config=None)
+    assert f"note: {legacy}: ignoring run_dir, overwrite: a saved config repeats the experiment" in proc.stderr
+    run_cli(train, "--config", str(legacy), "--run-dir", str(tmp_path / "R2"), cwd=work, config=None)
+    refused = run_cli(train, "--config", str(legacy), "--run-dir", str(original), cwd=work, config=None,
+                      check=False)
+    assert refused.returncode == 2 and f"--run-dir {original}: already holds a run" in refused.stderr
+    assert {p: digest(p) for p in original.rglob("*") if p.is_file()} == before
+    repeats = sorted((work / "runs").iterdir())
+    assert len(repeats) == 2 and (tmp_path / "R2" / "best.safetensors").is_file()
+    seeds = sorted(yaml.safe_load((r / "config.yaml").read_text())["seed"] for r in repeats)
+    assert seeds == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+def test_a_longer_epochs_continues_a_cut_last_epoch_step_for_step(cifar_dir, tmp_path):
+    """--epochs 1.5 ends inside epoch 2; --resume --epochs 3 must train its rest, then epoch 3: 27 updates."""
+    run_dir = tmp_path / "run"
+    flags = [*TINY_RUN, "--data-dir", str(cifar_dir), "--wandb", "off", "--opt", "adam", "--warmup-epochs", "0"]
+    run_cli("train.py", *flags, "--epochs", "1.5", "--run-dir", str(run_dir), config=None)
+    trainer = json.loads((run_dir / "state/trainer.json").read_text())
+    assert (trainer["epoch"], trainer["step_in_epoch"]) == (1, 5)  # 9 steps an epoch, round(13.5) = 14 in all
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_done"] == pytest.approx(14 / 9)
+    files = {p: digest(p) for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_cli("train.py", "--resume", str(run_dir), config=None)  # the same --epochs: nothing to do
+    assert f"{run_dir} already trained 1.55556 epochs; pass --epochs N to train longer" in proc.stdout
+    assert {p: digest(p) for p in run_dir.rglob("*") if p.is_file()} == files
+    proc = run_cli("train.py", "--resume", str(run_dir), "--epochs", "3", config=None)
+    assert "resumed at epoch 2, step 5" in proc.stdout
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "9"), ("2", "18"), ("3", "27")]
+    optimizer = torch.load(run_dir / "state" / "optimizer.bin", weights_only=False)
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {27}  # every update made, none skipped
+    # The lr follows the 27-step schedule from the step the run stopped at: cosine at 18 of 27 after epoch 2.
+    assert float(rows[1]["lr"]) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 18 / 27)), rel=1e-4)
+
+
+def test_the_first_update_after_a_batch_size_change_uses_the_new_lr(cifar_dir, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    flags = [*TINY_RUN, "--data-dir", str(cifar_dir), "--wandb", "off", "--lr-unit", "image1024", "--lr", "0.4",
+             "--warmup-epochs", "0", "--schedule", "linear"]
+    _train([*flags, "--epochs", "1", "--run-dir", str(run_dir)])
+    first_lr = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):
+        if not first_lr:
+            first_lr.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    _train(["--resume", str(run_dir), "--epochs", "2", "--batch-size", "16"])
+    # 0.4 per 1024 images at a global batch of 16, half-way down the linear schedule (epoch 2 of 2 starts).
+    assert first_lr == [pytest.approx(0.4 * 16 / 1024 * 0.5)]

@@ -49,7 +49,8 @@ def test_metrics_csv_appends_truncates_and_plots(tmp_path: Path):
     log = MetricsLog(tmp_path)
     for epoch in (1, 2, 3):
         log.append({"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": 0.1 * epoch, "lr": 0.1,
-                    "val_loss": 1.5 / epoch, "val_acc": 0.1 * epoch})
+                    "val_loss": 1.5 / epoch, "val_acc": 0.1 * epoch}, last=epoch == 3)
+        assert (tmp_path / "curves.png").exists() == (epoch == 3)  # drawn at the end, not at every epoch
     assert [r["epoch"] for r in log.rows()] == ["1", "2", "3"]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     log.truncate_after(2)

@@ -39,14 +39,15 @@ def wandb_run(cifar_dir, tmp_path_factory) -> Path:
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert f"W&B offline; upload later with: wandb sync {offline[0]}" in proc.stdout
     run_cli("train.py", "--resume", str(run_dir), "--epochs", "3")
-    run_cli("evaluate.py", "--checkpoint", str(run_dir), "--data-dir", str(cifar_dir), "--no-download",
-            "--wandb", "offline", config=None)
+    for split in ("test", "val"):
+        run_cli("evaluate.py", "--checkpoint", str(run_dir), "--split", split, "--data-dir", str(cifar_dir),
+                "--no-download", "--wandb", "offline", config=None)
     return run_dir
 
 
 def test_one_wandb_run_across_resume_and_evaluate(wandb_run):
     runs = [read_run(d) for d in sorted((wandb_run / "wandb").glob("offline-run-*"))]
-    assert len(runs) == 3  # train, resumed train, evaluate: each an offline segment of the same run
+    assert len(runs) == 4  # train, resumed train, evaluate test, evaluate val: offline segments of one run
     run_id = (wandb_run / "wandb_run_id").read_text().strip()
     assert {r["run"].run_id for r in runs} == {run_id}
 
@@ -81,8 +82,11 @@ def test_summary_holds_the_best_and_the_test_score(wandb_run):
     assert train["best/epoch"] == summary["best_epoch"] and train["params"] == 19_954
     assert train["val/acc"]["max"] == pytest.approx(summary["best_val_acc"])  # define_metric(summary="max")
     assert train["train_time_s"] == pytest.approx(summary["train_time_s"])
-    evaluated = json.loads((wandb_run / "eval_test.json").read_text())
-    assert runs[2]["summary"]["test/acc"] == pytest.approx(evaluated["accuracy"])
+    for split, run in zip(("test", "val"), runs[2:]):
+        evaluated = json.loads((wandb_run / f"eval_{split}.json").read_text())
+        assert run["summary"][f"eval/{split}/acc"] == pytest.approx(evaluated["accuracy"])
+    # Scoring the validation split again leaves the training run's own val/acc alone.
+    assert not any(k.startswith(("val/", "test/")) for run in runs[2:] for k in run["summary"])
 
 
 def _png(path: Path) -> np.ndarray:
@@ -97,5 +101,5 @@ def test_augmented_batch_and_confusion_matrix_images(wandb_run):
     matrix = _png(next(first.glob("files/media/images/val/confusion_matrix_*.png")))
     assert matrix.std() > 20 and matrix.shape[1] > 400
     evaluated = sorted((wandb_run / "wandb").glob("offline-run-*"))[2]
-    assert list(evaluated.glob("files/media/images/test/confusion_matrix_*.png"))
-    assert list(evaluated.glob("files/media/table/test/per_class_accuracy_*.table.json"))
+    assert list(evaluated.glob("files/media/images/eval/test/confusion_matrix_*.png"))
+    assert list(evaluated.glob("files/media/table/eval/test/per_class_accuracy_*.table.json"))
