@@ -1,42 +1,41 @@
-"""Benchmark (runs on a CPU): tensor operations dispatched per training step, adding one part at a time.
+"""Benchmark (runs on a CPU): tensor operations dispatched and values read back per training step.
 
-    python bench/host_ops.py [--batch-size 8]
+    python bench/host_ops.py [--batch-size 8] [--record]
 
 On a GPU each operation costs the host a few microseconds in eager PyTorch (checks, dispatch, a kernel
-launch), whatever the batch size, and the suite's step is bound by the host there (README, "On one GPU").
-This counts the aten operations of real steps of the suite's loop (``train_one_epoch``, bf16 autocast) with
-a TorchDispatchMode, from the bare forward + backward + optimizer step up to each shipped recipe's
-extras, so the parts that cost the host the most show without a GPU. Counts do not depend on the batch
-size; views are counted too (no kernel, but host time).
+launch), whatever the batch size, and a read-back (``.item()``, ``.tolist()``, ``bool(tensor)``) makes the
+host wait until the GPU has finished everything queued. This counts both per step of the suite's real
+loop (``engine.train_epoch`` over a run built by ``training.setup_run``, bf16 autocast as on a GPU) with a
+TorchDispatchMode, against the bare forward + backward + optimizer step of the same net, so the parts that
+cost the host show without a GPU. Views are counted too (no kernel, but host time). The optimizers' foreach
+paths are the ones CUDA takes. Muon's Newton-Schulz chain is compiled on CUDA (one call from the host):
+it is counted as one operation, and its eager operations apart.
 """
 import argparse
-import importlib
+import contextlib
 import os
 import sys
+import tempfile
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from resnet.augment import AugmentConfig, BatchAugment  # noqa: E402
-from resnet.data import MEAN, STD  # noqa: E402
-from resnet.distributed import create_accelerator  # noqa: E402
-from resnet.engine import train_one_epoch  # noqa: E402
-from resnet.loader import DeviceLoader  # noqa: E402
+os.environ.setdefault("RESNET_CPU_BF16", "1")  # bf16 autocast's ops on any CPU: counted, not timed
+os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
+from resnet import optim, training  # noqa: E402
+from resnet.config import TrainConfig, parse_config  # noqa: E402
+from resnet.engine import EpochPlan, train_epoch  # noqa: E402
+from resnet.interrupt import StopRequest  # noqa: E402
 from resnet.models import create_model  # noqa: E402
-from resnet.ema import ModelEma  # noqa: E402
-from resnet.optim import LookaheadEMA, create_optimizer, create_scheduler  # noqa: E402
+from results import record  # noqa: E402
 
-
-# On CUDA, SGD updates all its tensors with a few foreach ops by default; on a CPU it loops over them. Count
-# the CUDA way.
-importlib.import_module("torch.optim.sgd")._default_to_fused_or_foreach = lambda *args, **kwargs: (False, True)
+READ_BACKS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 
 
 class OpCounter(TorchDispatchMode):
@@ -49,43 +48,82 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ops_per_step(accelerator, model_name: str, opt: str, augment: AugmentConfig, ema: type | None, lookahead: bool,
-                 batch_size: int, alternate_flip: bool = False) -> Counter:
-    """(ops of a 4-step pass - ops of a 2-step pass) / 2, after a first pass that creates the optimizer's
-    state: the steady state of one step, without each pass's own start and end."""
-    torch.manual_seed(0)
-    model = create_model(model_name).to(accelerator.device, memory_format=torch.channels_last)
-    n = batch_size * 4
-    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    loader = DeviceLoader(images, np.arange(n) % 10, batch_size, accelerator.device,
-                          BatchAugment(augment, MEAN, STD), channels_last=True, alternate_flip=alternate_flip)
-    optimizer = create_optimizer(model, opt, 0.05, 5e-4)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = create_scheduler(optimizer, 100, 0, 0.1, 0.0)
-    average = ema(model, decay=0.999, use_warmup=True) if ema else None
-    look = LookaheadEMA(model, 1, 0.95, 3, 0, 100) if lookahead else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-    counts = []
-    for steps in (2, 2, 4):
-        counter = OpCounter()
-        loader.set_epoch(0)
-        with counter:
-            train_one_epoch(model, loader, optimizer, scheduler, accelerator, loss_fn, 0, 0, ema=average,
-                            progress=False, steps=steps, lookahead=look)
-        counts.append(counter.ops)
-    return Counter({k: (counts[2][k] - counts[1][k]) / 2 for k in counts[2] if counts[2][k] > counts[1][k]})
+@contextlib.contextmanager
+def counting_read_backs(counts: Counter):
+    """Count the calls of every Tensor method that copies a value to the host."""
+    patches = []
+    for name in READ_BACKS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            counts[_name] += 1
+            return _real(self, *a, **k)
+        patches.append(mock.patch.object(torch.Tensor, name, counted))
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
 
 
-def bare_ops(accelerator, model_name: str, batch_size: int) -> Counter:
-    model = create_model(model_name).to(accelerator.device, memory_format=torch.channels_last)
-    optimizer = create_optimizer(model, "nesterov", 0.05, 5e-4)
-    x = torch.randn(batch_size, 3, 32, 32, device=accelerator.device).contiguous(memory_format=torch.channels_last)
-    y = torch.arange(batch_size, device=accelerator.device) % 10
+def write_images(folder: Path, n: int) -> None:
+    """A tiny CIFAR-format training set (n images) for setup_run."""
+    import pickle
+
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        rows = rng.integers(0, 256, (n // 5, 3072), dtype=np.uint8)
+        data = {"data": rows, "labels": (np.arange(n // 5) % 10).tolist()}
+        (batches / f"data_batch_{i}").write_bytes(pickle.dumps(data, protocol=2))
+
+
+READ_STEPS = 50  # steps of the pass that counts read-backs (they come every check_every steps)
+
+
+def loop_counts(flags: list[str], data: Path, steps: int = 6, check_every: int = 25,
+                compiled_calls: int = 0) -> tuple[Counter, Counter]:
+    """(ops per step, read-backs per step) of steady-state steps of a run with train.py ``flags``.
+
+    The first pass creates the optimizer's state and is not counted; ops are (ops of a steps-step pass -
+    ops of a 2-step pass) / (steps - 2), which leaves out each pass's own start and end (the read at the
+    end of an epoch); read-backs are counted over a whole pass of READ_STEPS steps, its end included.
+    """
+    cfg = parse_config(TrainConfig, [*flags, "--data-dir", str(data), "--no-download", "--wandb", "off",
+                                     "--val-split", "0", "--no-progress", "--run-dir", tempfile.mkdtemp(),
+                                     "--check-every", str(check_every)])
+    run = training.setup_run(cfg)
+    ops = []
+    with StopRequest() as stop:
+        for n in (2, 2, steps):
+            counter = OpCounter()
+            run.train_loader.set_epoch(0)
+            with counter:
+                train_epoch(run.parts, run.train_loader, run.schedule, EpochPlan(0, 0, n, 0), stop, check_every,
+                            progress=False)
+            ops.append(counter.ops)
+        reads = Counter()
+        run.train_loader.set_epoch(1)
+        with counting_read_backs(reads):
+            train_epoch(run.parts, run.train_loader, run.schedule, EpochPlan(1, 0, READ_STEPS, 0), stop,
+                        check_every, progress=False)
+    per_step = Counter({k: (ops[2][k] - ops[1][k]) / (steps - 2) for k in ops[2] if ops[2][k] > ops[1][k]})
+    if compiled_calls:
+        per_step["newton_schulz (compiled on CUDA)"] = compiled_calls
+    return per_step, Counter({k: v / READ_STEPS for k, v in reads.items()})
+
+
+def bare_ops(model_name: str, batch_size: int, **model_kwargs) -> Counter:
+    """One forward + backward + Nesterov SGD step of the net alone (bf16 autocast, CUDA's foreach update)."""
+    model = create_model(model_name, **model_kwargs).to(memory_format=torch.channels_last)
+    optimizer = optim.create_optimizer(model, "nesterov", 0.05, 5e-4)
+    x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(batch_size) % 10
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     counter = OpCounter()
     for counting in (False, True):  # count the second step: the first creates the momentum buffers
-        with counter if counting else nullcontext():
-            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16):
+        with counter if counting else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = loss_fn(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -93,37 +131,66 @@ def bare_ops(accelerator, model_name: str, batch_size: int) -> Counter:
     return counter.ops
 
 
+@contextlib.contextmanager
+def newton_schulz_as_one_call(eager: Counter):
+    """Hide Muon's Newton-Schulz chain from the counters (loop_counts adds it back as one operation, as its
+    compiled form on CUDA is called); ``eager`` gets its eager ops and ``calls``."""
+    real = optim.newton_schulz
+
+    def one_call(*a, **k):
+        inner = OpCounter()
+        with _disable_current_modes(), inner:
+            out = real(*a, **k)
+        eager.update(inner.ops)
+        eager["calls"] += 1
+        return out
+    with mock.patch.object(optim, "newton_schulz", one_call):
+        yield
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--record", action="store_true", help="append the figures to results/cpu.csv")
     args = parser.parse_args()
-    os.environ.setdefault("RESNET_CPU_BF16", "1")  # bf16 autocast's ops on any CPU: counted, not timed
-    accelerator = create_accelerator(mixed_precision="bf16")
-    report = dict(accelerator=accelerator, model_name="resnet_report_4m", opt="nesterov",
-                  batch_size=args.batch_size, lookahead=False)
-    flip = AugmentConfig(translate=4, hflip=0.5)
-    cutout = AugmentConfig(translate=4, hflip=0.5, cutout=16)
-    # (what, ops per step, the row it adds to)
-    rows = [("report net: bare forward + backward + Nesterov step",
-             bare_ops(accelerator, "resnet_report_4m", args.batch_size), None)]
-    rows.append(("  train_one_epoch, translate 4 + flip", ops_per_step(augment=flip, ema=None, **report), 0))
-    rows.append(("  + cutout 16", ops_per_step(augment=cutout, ema=None, **report), 1))
-    rows.append(("  + EMA of the weights, timm's ModelEmaV3", ops_per_step(augment=cutout, ema=ModelEmaV3, **report), 2))
-    rows.append(("  + EMA of the weights, the suite's ModelEma instead (best.yaml)",
-                 ops_per_step(augment=cutout, ema=ModelEma, **report), 2))
-    rows.append(("airbench whiten net: bare forward + backward + Nesterov step",
-                 bare_ops(accelerator, "resnet_airbench_whiten_2m", args.batch_size), None))
-    fast = dict(accelerator=accelerator, model_name="resnet_airbench_whiten_2m", opt="muon",
-                augment=AugmentConfig(translate=2), ema=None, batch_size=args.batch_size, alternate_flip=True)
-    rows.append(("  train_one_epoch, Muon, translate 2, alternating flip (fast.yaml)",
-                 ops_per_step(lookahead=False, **fast), 5))
-    rows.append(("  + airbench's lookahead-EMA, counted at every step (the previous fast.yaml moved it every 10th)",
-                 ops_per_step(lookahead=True, **fast), 6))
-    for name, ops, base in rows:
-        print(f"{sum(ops.values()):7.0f} ops/step  {name}")
-        if base is not None:
-            added = ops - rows[base][1]
-            print("         most added: " + ", ".join(f"{k} {v:g}" for k, v in added.most_common(6)))
+    data = Path(tempfile.mkdtemp()) / "data"
+    write_images(data, (READ_STEPS + 5) * args.batch_size)
+    batch = ["--batch-size", str(args.batch_size)]
+    fast = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "fast.yaml"), *batch]
+    rows = [
+        ("report net: bare forward + backward + Nesterov step", bare_ops("resnet_report_4m", args.batch_size), None),
+        ("  default recipe's step (SGD, translate 4 + flip, label smoothing)", *loop_counts(batch, data)),
+        ("  + cutout 16 + EMA of the weights (best.yaml's extras)",
+         *loop_counts([*batch, "--cutout", "16", "--ema-decay", "0.999"], data)),
+        ("whitened airbench net: bare forward + backward + Nesterov step",
+         bare_ops("resnet_airbench_whiten_2m", args.batch_size), None),
+    ]
+    eager_ns = Counter()
+    with newton_schulz_as_one_call(eager_ns):
+        rows.append(("  fast.yaml's step (Muon, Newton-Schulz as one call; translate 2, alternating flip)",
+                     *loop_counts(fast, data, compiled_calls=1)))
+        rows.append(("  + airbench's lookahead-EMA at every step (the previous fast.yaml's)",
+                     *loop_counts([*fast, "--lookahead-ema", "1", "--lookahead-ema-start", "0"], data,
+                                  compiled_calls=1)))
+    command = f"python bench/host_ops.py --batch-size {args.batch_size}"
+    bare = None
+    for name, ops, reads in rows:
+        total = sum(ops.values())
+        line = f"{total:7.0f} ops/step"
+        if reads is None:
+            bare = total
+        else:
+            line += f" ({100 * (total / bare - 1):+.0f}% over bare), {sum(reads.values()):.3f} read-backs/step"
+        print(f"{line}  {name}")
+        if reads is not None:
+            print("         most: " + ", ".join(f"{k} {v:g}" for k, v in ops.most_common(6)))
+        if args.record:
+            record("host_ops", name.strip(), "ops_per_step", total, command)
+            if reads is not None:
+                record("host_ops", name.strip(), "readbacks_per_step", sum(reads.values()), command)
+    calls = eager_ns.pop("calls")
+    print(f"(Muon's Newton-Schulz chain, counted as one op above: {sum(eager_ns.values()) / calls:.0f} ops in "
+          "eager mode, as on a CPU)")
 
 
 if __name__ == "__main__":

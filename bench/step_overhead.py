@@ -3,9 +3,9 @@
     python bench/step_overhead.py [--model resnet_report_4m] [--batch-size 128] [--mixed-precision bf16]
     accelerate launch --config_file accelerate_configs/bf16.yaml bench/step_overhead.py   (same thing)
 
-The full step is the suite's own: DeviceLoader batch with the default augmentation (translate + flip,
-drawn per image), label-smoothed loss through the prepared model, Accelerate backward, optimizer,
-scheduler.step_update, metric accumulation. The bare step feeds one fixed, ready tensor to the same
+The full step is the suite's own (engine.train_epoch): DeviceLoader batch with the default augmentation
+(translate + flip, drawn per image), label-smoothed loss through the prepared model, Accelerate
+backward, optimizer, scheduler.step_update, metric accumulation, a read-back every 25 steps. The bare step feeds one fixed, ready tensor to the same
 net. Both run in this process, alternating, best of --repeats. Goal: overhead at most 10%.
 """
 import argparse
@@ -23,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet.augment import AugmentConfig, BatchAugment  # noqa: E402
 from resnet.data import MEAN, STD  # noqa: E402
 from resnet.distributed import create_accelerator  # noqa: E402
-from resnet.engine import train_one_epoch  # noqa: E402
+from resnet.engine import EpochPlan, StepParts, train_epoch  # noqa: E402
+from resnet.interrupt import StopRequest  # noqa: E402
 from resnet.loader import DeviceLoader  # noqa: E402
 from resnet.models import create_model  # noqa: E402
 from resnet.optim import create_optimizer, create_scheduler  # noqa: E402
+from resnet.techniques import ActiveTechniques  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -87,14 +89,17 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
+    parts = StepParts(model, opt, loss_fn, accelerator, ActiveTechniques([]))
     full_rates, bare_rates, step = [], [], 0
-    for round_ in range(args.repeats + 1):  # round 0 warms both paths up
-        stats = train_one_epoch(model, loader, opt, sched, accelerator, loss_fn, step, round_, progress=False)
-        step = stats["global_step"]
-        rate = bare_steps(bare, bare_opt, x, y, args.steps, autocast)
-        if round_:
-            full_rates.append(stats["images_per_sec"])
-            bare_rates.append(rate)
+    with StopRequest() as stop:
+        for round_ in range(args.repeats + 1):  # round 0 warms both paths up
+            loader.set_epoch(round_)
+            out = train_epoch(parts, loader, sched, EpochPlan(round_, 0, len(loader), step), stop, 25, progress=False)
+            step = out.global_step
+            rate = bare_steps(bare, bare_opt, x, y, args.steps, autocast)
+            if round_:
+                full_rates.append(out.sums.seen / out.sums.elapsed)
+                bare_rates.append(rate)
     full, bare_best = max(full_rates), max(bare_rates)
     print(f"{args.model}, batch {args.batch_size}, {accelerator.mixed_precision} precision, {device}, "
           f"cudnn.benchmark {torch.backends.cudnn.benchmark}, torch threads {torch.get_num_threads()}, "

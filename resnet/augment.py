@@ -7,6 +7,7 @@ lets the dataset live on the accelerator with no DataLoader workers (airbench's 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,16 +55,22 @@ def batch_translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Te
     """Shift each image by up to ``pad`` pixels per axis: reflect-pad, then crop at a random offset."""
     if pad <= 0:
         return x
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     padded = F.pad(x, (pad,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
-    rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, None, :, None]
-    cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, None, :]
-    # Gather each image's window in one indexing op (no Python loop over the batch).
-    rows = rows.expand(n, x.shape[1], h, padded.shape[-1])
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=gen, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=gen, device=x.device)
+    # Gather each image's window in one indexing op per axis (no Python loop over the batch).
+    rows = (_positions(h, -2, x.device) + dy).expand(n, c, h, padded.shape[-1])
     out = padded.gather(2, rows)
-    return out.gather(3, cols.expand(n, x.shape[1], h, w))
+    return out.gather(3, (_positions(w, -1, x.device) + dx).expand(n, c, h, w))
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(size: int, dim: int, device: torch.device) -> torch.Tensor:
+    """0..size-1 along ``dim`` of a 4-D shape, made once per device: every tensor op costs the host time."""
+    shape = [1, 1, 1, 1]
+    shape[dim] = size
+    return torch.arange(size, device=device).view(shape)
 
 
 def batch_affine(
@@ -258,10 +265,16 @@ def batch_cutout(x: torch.Tensor, size: int, gen: torch.Generator, p: float = 1.
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    # non_blocking: torch.tensor(..., device="cuda") copies synchronously, so it would wait for the GPU
-    # to finish all queued work (the previous training step) on every batch.
-    stats = torch.tensor([mean, std], dtype=x.dtype).to(x.device, non_blocking=True)
-    return (x - stats[0].view(1, -1, 1, 1)) / stats[1].view(1, -1, 1, 1)
+    shift, scale = _channel_stats(tuple(mean), tuple(std), x.device, x.dtype)
+    return (x - shift) / scale
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
+    """(mean, std) as (1, C, 1, 1) tensors on ``device``, made once: a copy to a GPU from the host each
+    batch would cost host time (torch.tensor(..., device="cuda") even waits for the queued work)."""
+    stats = torch.tensor([mean, std], dtype=dtype).view(2, 1, -1, 1, 1).to(device)
+    return stats[0], stats[1]
 
 
 @dataclass

@@ -13,28 +13,27 @@ import difflib
 import os
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import yaml
 
 from .atomic import atomic_write_text
+from .knobs import ConfigError, knob
 from .models import ACTIVATIONS, list_models
+from .techniques import REGISTRY as TECHNIQUES
 
 T = TypeVar("T")
+# torch.compile modes; reduce-overhead records CUDA graphs, the max-autotune ones time GPU kernels.
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 TTA_HELP = "test-time augmentation: 0 off, 1 average with the mirror image, 2 also 1-pixel shifts"
 
 
-def knob(default: Any, help: str, choices: Sequence[str] | None = None, **kw) -> Any:
-    """A config field with its help text (unit or effect) and optional choices."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices, **kw})
-
-
 @dataclass
-class TrainConfig:
+class CoreTrainConfig:
+    """The fields of train.py that belong to no technique (those declare their own: resnet/techniques/)."""
+
     # --- model
     model: str = knob("resnet_report_4m", f"registered model name: {', '.join(list_models())}")
     model_kwargs: dict = knob({}, "JSON/YAML dict of overrides for the model builder, e.g. "
@@ -42,20 +41,9 @@ class TrainConfig:
     activation: str | None = knob(None, "activation override for the model", choices=sorted(ACTIVATIONS))
     channels_last: bool = knob(True, "NHWC memory layout (faster convs on CPU and tensor cores)")
     compile: bool = knob(False, "torch.compile the model (one-time compile cost, then faster steps on GPU)")
-    # airbench's model-side techniques; unset = the net's own choice (saved with the weights, as --model-kwargs)
-    stem: str | None = knob(None, "first layer: conv, or whiten = airbench's 2x2 conv fitted to the training "
-                                  "images' patch covariance, filters frozen (default: the net's own)",
-                            choices=["conv", "whiten"])
-    bn_momentum: float | None = knob(None, "BatchNorm running-stats momentum, PyTorch's convention: the weight of "
-                                           "each new batch (airbench's 0.6 is 0.4 here; default: the net's own, 0.1)")
-    bn_eps: float | None = knob(None, "BatchNorm eps (default: the net's own, PyTorch's 1e-5; airbench 1e-12)")
-    bn_frozen_weight: bool | None = knob(None, "fix every BatchNorm scale at 1, untrained (airbench; "
-                                               "default: the net's own)")
-    dirac: bool | None = knob(None, "identity-initialise every conv's first in-channels filters, an implicit residual "
-                                    "at the start (airbench; default: the net's own)")
-    head_scale: str | None = knob(None, "multiply the logits by a number, a fraction like 1/9, or 1/width = 1 / "
-                                        "features into the head (default: the net's own: 1/9 for resnet_airbench_*, "
-                                        "else 1)")
+    compile_mode: str = knob("default", "with --compile: torch.compile's mode; reduce-overhead (CUDA graphs) and the "
+                                        "max-autotune modes only on a GPU (a CPU run compiles with default)",
+                             choices=list(COMPILE_MODES))
     # --- optimisation
     opt: str = knob("sgd", "optimizer; muon = Muon on conv filters, Nesterov SGD on the rest (airbench94_muon)",
                     choices=["sgd", "nesterov", "adam", "adamw", "muon"])
@@ -69,9 +57,6 @@ class TrainConfig:
     weight_decay: float | None = knob(None, "L2 / decoupled weight decay, not applied to norms and biases "
                                            "(default: sgd/nesterov 5e-4, adam 0, adamw 0.05)")
     momentum: float = knob(0.9, "SGD momentum")
-    muon_lr: float = knob(0.24, "--opt muon: peak lr of the conv filters (orthogonalised steps, so not scaled "
-                                "by --lr-unit)")
-    muon_momentum: float = knob(0.6, "--opt muon: Nesterov momentum of the conv filters (--momentum is the SGD part's)")
     epochs: float = knob(40.0, "training epochs; fractions allowed (9.9 = 9 full epochs, then the first 90%% of "
                                "the steps of a 10th)")
     batch_size: int = knob(256, "images per optimizer step on each process (global batch = this x processes)")
@@ -83,20 +68,7 @@ class TrainConfig:
     warmup_epochs: float = knob(1.0, "linear warm-up from warmup_lr_ratio*lr, in epochs (fractions allowed)")
     warmup_lr_ratio: float = knob(0.01, "warm-up start lr as a fraction of the peak lr")
     min_lr_ratio: float = knob(0.0, "final lr (cosine floor, linear end) as a fraction of the peak lr")
-    whiten_bias_epochs: float = knob(3.0, "whitening stem: train its bias this many epochs, then freeze it "
-                                          "(airbench 3)")
     label_smoothing: float = knob(0.1, "label smoothing of the cross-entropy target (0 = off)")
-    clip_grad: float = knob(0.0, "clip the global gradient norm to this value (0 = off)")
-    ema_decay: float = knob(0.0, "EMA of weights with this decay per step, e.g. 0.999 (0 = off), warmed up as "
-                                 "timm's: min(decay, 1 - (1 + step)^-2/3); validation and checkpoints use the EMA "
-                                 "weights when on")
-    lookahead: bool = knob(False, "wrap the optimizer in timm's Lookahead (k=6, alpha=0.5)")
-    lookahead_ema: int = knob(0, "airbench's lookahead-EMA every N steps (0 = off; airbench 5): the weights jump to an "
-                                 "EMA whose decay rises with progress, and become it at every epoch's end")
-    lookahead_ema_decay: float = knob(0.95, "lookahead-EMA decay per step: an update at progress p (0..1) uses "
-                                            "decay^N x p^power")
-    lookahead_ema_power: float = knob(3.0, "lookahead-EMA: power of the training progress in its decay")
-    lookahead_ema_start: float = knob(3.0, "lookahead-EMA: epochs before its first update")
     # --- augmentation (each one off at 0 / False; the defaults are our recipe, not the report's)
     crop_scale: float = knob(0.0, "random resized crop: smallest area fraction kept, e.g. 0.35 (0 = off)")
     crop_ratio: float = knob(0.75, "random resized crop: aspect ratio range [r, 1/r]")
@@ -114,9 +86,6 @@ class TrainConfig:
     blur_p: float = knob(0.5, "probability an image is blurred when blur is on")
     cutout: int = knob(0, "cutout square side in pixels at a random position (0 = off)")
     cutout_p: float = knob(1.0, "probability an image gets a cutout when cutout is on")
-    mixup: float = knob(0.0, "Mixup alpha (0 = off), timm Mixup")
-    cutmix: float = knob(0.0, "CutMix alpha (0 = off), timm Mixup")
-    mix_prob: float = knob(1.0, "probability a batch is mixed when mixup/cutmix is on")
     auto_augment: str | None = knob(None, "timm policy per image, needs --loader workers: 'rand-m9-mstd0.5', "
                                           "'augmix-m5-w3' or 'original' (AutoAugment)")
     random_erasing: float = knob(0.0, "timm random erasing probability per image, needs --loader workers")
@@ -136,6 +105,9 @@ class TrainConfig:
     eval_every: int = knob(1, "validate every N epochs (the last epoch always validates)")
     tta: int = knob(0, "final-epoch validation " + TTA_HELP, choices=[0, 1, 2])
     progress: bool = knob(True, "show a progress bar on the main process")
+    check_every: int = knob(25, "read the running loss back from the device every N steps: there it is checked "
+                                "for nan/inf and, across processes, a stop (SIGTERM, Ctrl-C) is agreed on; the "
+                                "steps in between never wait for the device")
     # --- tracking
     wandb: str = knob("auto", "W&B logging: auto = online when logged in, else offline", choices=["auto", "online", "offline", "off"])
     wandb_project: str = knob("cifar10-resnet", "W&B project")
@@ -143,6 +115,16 @@ class TrainConfig:
     wandb_group: str | None = knob(None, "W&B group (default: a hash of the config without the seed, so seeds "
                                          "of one setup group together)")
     wandb_tags: list = knob([], "W&B tags, comma-separated, added to the model, activation and optimizer")
+
+
+def _train_config() -> type:
+    """train.py's config: CoreTrainConfig's fields, then each technique's own, in registry order."""
+    bases = tuple(t.fields for t in reversed(TECHNIQUES) if t.fields is not None) + (CoreTrainConfig,)
+    doc = "train.py's config: the core fields, then every technique's (resnet/techniques/)."
+    return dataclass(type("TrainConfig", bases, {"__module__": __name__, "__doc__": doc}))
+
+
+TrainConfig = _train_config()
 
 
 @dataclass
@@ -174,13 +156,10 @@ class PredictConfig:
 LAUNCH_FIELDS = ("run_dir", "resume", "overwrite")
 
 
-class ConfigError(ValueError):
-    """A bad value in a recipe file or flag; the message names the source and the field."""
-
-
 # --help sections, timm-style: each starts at the named field and runs to the next section's first field.
 HELP_SECTIONS = {"model": "model", "opt": "optimisation", "crop_scale": "augmentation", "loader": "data",
-                 "seed": "run", "wandb": "tracking"}
+                 "seed": "run", "wandb": "tracking",
+                 **{dataclasses.fields(t.fields)[0].name: t.title for t in TECHNIQUES if t.fields is not None}}
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 
-from .config import ConfigError
+from .knobs import ConfigError
 from .hardware import cpu_has_native_bf16, cpu_model
 
 

@@ -1,8 +1,11 @@
-"""The loop: ``train_one_epoch`` and ``evaluate`` return dicts; ``predict`` returns logits in input order."""
+"""The loop: the step (``train_step``), the epoch with its cadenced read-backs (``train_epoch``), and
+``evaluate`` (a dict) / ``predict`` (logits in input order)."""
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -11,107 +14,141 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import normalize
+from .interrupt import StopRequest
+from .state import EpochSums
+from .techniques import ActiveTechniques
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    accelerator,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    global_step: int,
-    epoch: int,
-    mixup: Callable | None = None,
-    ema: nn.Module | None = None,
-    clip_grad: float = 0.0,
-    progress: bool = True,
-    start_step: int = 0,
-    carry: dict | None = None,
-    stop: Callable[[], bool] | None = None,
-    steps: int | None = None,
-    lookahead=None,
-) -> dict:
-    """One pass over ``loader``; the lr follows ``global_step`` (scheduler.step_update after each update).
+@dataclass
+class StepParts:
+    """What one update needs, built once per run (training.setup_run)."""
 
-    ``start_step`` and ``carry`` continue an epoch that was stopped part-way (the loader already skips the
-    batches done; ``carry`` holds the sums so far over all ranks: give them to one rank only). After every
-    step the loop checks ``stop()`` and that the loss is finite, agreed across processes; it then returns
-    early with ``stopped`` or ``nonfinite`` set and ``step_in_epoch`` = the steps done. ``train_sums`` lets the caller save a partial epoch.
-    ``steps`` ends the epoch after that many batches (the cut last epoch of a fractional --epochs);
-    ``lookahead`` (optim.LookaheadEMA) steps after every update and syncs the weights at the epoch's end.
+    model: nn.Module  # as prepared by Accelerate (DDP, compiled)
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    accelerator: Any
+    techniques: ActiveTechniques
+
+
+class Meters:
+    """An epoch's running training sums, kept on the device: the host reads them only in ``read``."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.seen = 0  # images, counted on the host (batch shapes are host numbers)
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        # A nan or inf loss makes loss_sum non-finite for good: that is the non-finite check, for free.
+        self.loss_sum.add_(loss, alpha=len(y))
+        self.correct.add_((logits.argmax(1) == y).sum())
+        self.seen += len(y)
+
+    def read(self, accelerator, stop: bool) -> tuple[EpochSums, bool]:
+        """(the sums over all processes, whether any process asked to stop): one read-back and, across
+        processes, one all-reduce. Every process must call it at the same step."""
+        values = torch.stack([self.loss_sum, self.correct])
+        if accelerator.num_processes > 1:
+            flags = torch.tensor([float(self.seen), float(stop)], device=values.device)
+            values = accelerator.reduce(torch.cat([values, flags]), reduction="sum")
+            loss_sum, correct, seen, stops = values.tolist()
+        else:
+            (loss_sum, correct), seen, stops = values.tolist(), self.seen, float(stop)
+        return EpochSums(loss_sum, int(correct), int(seen)), stops > 0
+
+
+def train_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor, meters: Meters) -> None:
+    """One update: forward, loss, backward, the techniques' hooks, optimizer step. Only launches device work."""
+    x, target = parts.techniques.mix(x, y)
+    logits = parts.model(x)
+    loss = parts.loss_fn(logits, target)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.accelerator.backward(loss)
+    parts.techniques.after_backward(parts.model)
+    parts.optimizer.step()
+    meters.add(loss, logits, y)
+
+
+@dataclass
+class EpochPlan:
+    """Which updates of which epoch to run."""
+
+    epoch: int  # 0-based
+    start_step: int  # updates of this epoch already done (a resumed epoch)
+    steps: int  # where the epoch ends (fewer than the loader's batches in a cut last epoch)
+    global_step: int  # updates done before this pass
+    carry: EpochSums | None = None  # the sums of the part done before (a resumed epoch), over all processes
+
+
+@dataclass
+class EpochOutcome:
+    sums: EpochSums  # the whole epoch's so far, over all processes, ``carry`` included
+    step: int  # updates of the epoch done
+    global_step: int
+    stopped: bool = False  # a stop request ended it early
+    nonfinite: tuple[int, int] | None = None  # the steps between which the loss became nan/inf
+    first_step_time: float = 0.0  # seconds of the first update, one-off costs (compiling) included
+    lr: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return not self.stopped and self.nonfinite is None
+
+
+def train_epoch(parts: StepParts, loader, schedule, plan: EpochPlan, stop: StopRequest, check_every: int,
+                progress: bool = True) -> EpochOutcome:
+    """Run ``plan``'s updates; the lr follows the global step (``schedule.step_update``).
+
+    The host never waits for the device inside a step: the loss and accuracy sums stay on the device and
+    are read back every ``check_every`` steps and at the epoch's end (``Meters.read``: one read, and
+    across processes one all-reduce that also agrees on a stop, so every rank stops at the same step).
+    A non-finite loss ends the epoch at the next read, naming the steps between; a stop request (SIGTERM,
+    Ctrl-C) at the next read, or at once in a single process, where reading the flag costs nothing.
     """
-    model.train()
+    accelerator = parts.accelerator
+    parts.model.train()
     # The lr of the first update too: a resumed optimizer comes back with the lr it was saved with, which
     # belongs to another position when the global batch size changed.
-    scheduler.step_update(global_step)
-    device = accelerator.device
-    carry = carry or {}
-    loss_sum = torch.tensor(float(carry.get("loss_sum", 0.0)), device=device)
-    correct = torch.tensor(int(carry.get("correct", 0)), device=device, dtype=torch.long)
-    seen = int(carry.get("seen", 0))
-    total = len(loader) if steps is None else min(steps, len(loader))
-    bar = tqdm(total=total, initial=start_step, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+    schedule.step_update(plan.global_step)
+    meters, carry = Meters(accelerator.device), plan.carry or EpochSums()
+    single = accelerator.num_processes == 1
+    step, global_step, last_read = plan.start_step, plan.global_step, plan.start_step
+    outcome = EpochOutcome(carry, step, global_step)
+    bar = tqdm(total=plan.steps, initial=step, desc=f"epoch {plan.epoch + 1}", leave=False, dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
-    first_step = 0.0
-    step, stopped, nonfinite = start_step, False, False
-    for x, y in loader if step < total else ():
-        target = y
-        if mixup is not None:
-            x, target = mixup(x, y)
-        logits = model(x)
-        loss = loss_fn(logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if clip_grad > 0:
-            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
-        global_step += 1
-        step += 1
-        scheduler.step_update(global_step)
-        if ema is not None:
-            ema.update(model, step=global_step)
-        if lookahead is not None:
-            lookahead.step(global_step)
-        # Accumulate on the device; only the one flag check below reads back from it each step.
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-        if not first_step:
-            first_step = time.perf_counter() - start  # includes one-off costs such as torch.compile
+    for x, y in loader if step < plan.steps else ():
+        train_step(parts, x, y, meters)
+        step, global_step = step + 1, global_step + 1
+        schedule.step_update(global_step)
+        parts.techniques.after_update(global_step)
+        if not outcome.first_step_time:
+            outcome.first_step_time = time.perf_counter() - start
         bar.update()
-        if bar.n % 25 == 0 and not bar.disable:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-        flags = torch.stack([~torch.isfinite(loss.detach()),
-                             torch.tensor(bool(stop and stop()), device=device)]).float()
-        if accelerator.num_processes > 1:  # every rank must stop at the same step
-            flags = accelerator.reduce(flags, reduction="sum")
-        nonfinite, stopped = (bool(v > 0) for v in flags.tolist())
-        if nonfinite or stopped or step >= total:
-            break
+        if step >= plan.steps or step % check_every == 0 or (single and stop.requested):
+            sums, stopping = meters.read(accelerator, stop.requested)
+            outcome = _progress(outcome, sums + carry, step, global_step, stopping, last_read, plan.steps)
+            last_read = step
+            if not bar.disable and outcome.sums.seen:
+                bar.set_postfix(loss=f"{outcome.sums.loss_sum / outcome.sums.seen:.3f}",
+                                lr=f"{parts.optimizer.param_groups[0]['lr']:.3g}")
+            if not outcome.complete or step >= plan.steps:
+                break
     bar.close()
-    if lookahead is not None and step >= total and not nonfinite:
-        lookahead.sync()
-    elapsed = time.perf_counter() - start + float(carry.get("elapsed", 0.0))
-    totals = accelerator.reduce(torch.stack([loss_sum.float(), correct.float(),
-                                             torch.tensor(float(seen), device=device)]), reduction="sum")
-    loss_total, correct_total, seen_total = totals.tolist()
-    # Sums over all ranks: a resumed epoch carries them on the main process only (see ``carry``).
-    sums = {"loss_sum": loss_total, "correct": int(correct_total), "seen": int(seen_total), "elapsed": elapsed}
-    return {
-        "train_loss": loss_total / max(seen_total, 1),
-        "train_acc": correct_total / max(seen_total, 1),
-        "lr": optimizer.param_groups[0]["lr"],
-        "images_per_sec": seen_total / max(elapsed, 1e-9),
-        "epoch_time": elapsed,
-        "first_step_time": first_step,
-        "global_step": global_step,
-        "step_in_epoch": step,
-        "stopped": stopped and step < total,
-        "nonfinite": nonfinite,
-        "train_sums": sums,
-    }
+    if outcome.complete and step >= plan.steps:
+        parts.techniques.end_of_epoch()
+    outcome.sums.elapsed = time.perf_counter() - start + carry.elapsed
+    outcome.lr = parts.optimizer.param_groups[0]["lr"]
+    return outcome
+
+
+def _progress(outcome: EpochOutcome, sums: EpochSums, step: int, global_step: int, stopping: bool,
+              last_read: int, steps: int) -> EpochOutcome:
+    """The outcome after a read; a stop at the epoch's last step is left to the epoch's end (saved there)."""
+    nonfinite = None if math.isfinite(sums.loss_sum) else (last_read + 1, step)
+    stopped = stopping and nonfinite is None and step < steps
+    return EpochOutcome(sums, step, global_step, stopped, nonfinite, outcome.first_step_time)
 
 
 def _inputs(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:

@@ -41,5 +41,9 @@ class StopRequest:
             signal.signal(s, handler)
 
     @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, get_worker_info
 
 from .augment import AugmentConfig, alternating_flip_half, batch_alternating_flip, batch_cutout
-from .config import ConfigError
+from .knobs import ConfigError
 
 
 def to_chw_tensor(images: np.ndarray) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd as sgd_update
 
+from .hardware import cpu_has_native_bf16
 from .models import WhiteningConv
 
 # Per-optimizer defaults used when --lr / --weight-decay are not given (for muon: its SGD part).
@@ -75,20 +76,89 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
     return groups
 
 
+# Keller Jordan's quintic Newton-Schulz coefficients (timm's "original"; airbench94_muon's).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(stack: torch.Tensor, steps: int, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:
+    """Orthogonalise every matrix of a (B, rows, cols) stack with rows <= cols: timm's
+    ``zeropower_via_newtonschulz`` (Frobenius-normalised, then ``steps`` quintic iterations in ``dtype``),
+    as one chain of batched matmuls for the whole stack."""
+    a, b, c = NS_COEFFICIENTS
+    x = stack.to(dtype)
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b A + c A^2) X
+    return x
+
+
+_compiled_newton_schulz = None
+
+
+class FilterStack:
+    """One (filters, rows, cols) tensor holding every filter bank's (out, in*kh*kw) matrix, each turned wide
+    (rows <= cols, as timm transposes a tall one) and zero-padded to the largest, with views of it shaped
+    like the filters. Muon writes its updates through the views, orthogonalises the whole stack in one
+    batched chain and reads the results back through them: a few foreach ops per step whatever the
+    number of filters. Zero rows and columns stay exactly zero through Newton-Schulz and change no norm,
+    so each filter's result is its own matrix's; the padding costs FLOPs only (nothing on a GPU next to
+    the ~25 kernel launches each filter's own chain would cost).
+    """
+
+    def __init__(self, filters: list[torch.Tensor]):
+        mats = [(len(f), f[0].numel()) for f in filters]
+        self.tall = [r > c for r, c in mats]
+        wide = [(c, r) if t else (r, c) for (r, c), t in zip(mats, self.tall)]
+        rows, cols = max(r for r, _ in wide), max(c for _, c in wide)
+        self.stack = filters[0].new_zeros(len(filters), rows, cols)
+        self.views = [self._view(self.stack, i, f) for i, f in enumerate(filters)]
+
+    def _view(self, stack: torch.Tensor, i: int, f: torch.Tensor) -> torch.Tensor:
+        r, c = len(f), f[0].numel()
+        block = stack[i, :c, :r].mT if self.tall[i] else stack[i, :r, :c]
+        return block.view(f.shape)
+
+    def orthogonalise(self, steps: int, dtype: torch.dtype) -> None:
+        """Newton-Schulz on the whole stack, in place (compiled on CUDA, as airbench94_muon does)."""
+        global _compiled_newton_schulz
+        orthogonalise = newton_schulz
+        if self.stack.is_cuda:
+            if _compiled_newton_schulz is None:
+                _compiled_newton_schulz = torch.compile(newton_schulz, dynamic=False)
+            orthogonalise = _compiled_newton_schulz
+        self.stack.copy_(orthogonalise(self.stack, steps, dtype))
+
+
+def batched_newton_schulz(updates: list[torch.Tensor], steps: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each (out, in, kh, kw) update orthogonalised as its (out, in*kh*kw) matrix, all in one batched chain
+    (``FilterStack``); the results in the updates' shapes (float32)."""
+    filters = FilterStack([u.float() for u in updates])
+    torch._foreach_copy_(filters.views, updates)
+    filters.orthogonalise(steps, dtype)
+    return [v.clone() for v in filters.views]
+
+
 class MuonSGD(torch.optim.Optimizer):
     """airbench94_muon's optimizer as one torch optimizer: Muon on the groups marked ``muon``, Nesterov
     SGD (PyTorch's update rule, coupled weight decay) on the others.
 
-    A Muon group's filter banks are flattened to (out, in*kh*kw) and their Nesterov momentum update is
-    orthogonalised by timm's Newton-Schulz iteration (3 steps of Keller Jordan's original coefficients,
-    no shape-based lr adjustment, as airbench); before each update every filter bank is rescaled to
-    Frobenius norm sqrt(out channels), as airbench does in place of weight decay (a BatchNorm follows each
-    conv, so the scale of the filters changes nothing but the effective step size). One optimizer, so the
+    A Muon group's Nesterov momentum updates are orthogonalised as (out, in*kh*kw) matrices by
+    Newton-Schulz (3 steps of Keller Jordan's original coefficients, no shape-based lr adjustment, as
+    airbench), all filters in one batched chain (``FilterStack``); before each update every
+    filter bank is rescaled to Frobenius norm sqrt(out channels), as airbench does in place of weight
+    decay (a BatchNorm follows each conv, so the scale of the filters changes nothing but the effective
+    step size). Every per-tensor step is a foreach op: on a GPU each op costs the host a few microseconds.
+    The chain runs in bf16 where the device computes it natively, else in fp32. One optimizer, so the
     loop, the schedule, Accelerate and checkpoints treat it like any other.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.85, muon_momentum: float = 0.6, ns_steps: int = 3):
+    def __init__(self, params, lr: float, momentum: float = 0.85, muon_momentum: float = 0.6, ns_steps: int = 3,
+                 ns_dtype: torch.dtype = torch.bfloat16, fused: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=0.0, nesterov=True, muon=False))
+        self.ns_dtype, self._fused = ns_dtype, fused
+        self._stacks: dict[tuple, FilterStack] = {}  # per set of filters: scratch space, not state
         for group in self.param_groups:
             if group["muon"]:
                 group.setdefault("muon_momentum", muon_momentum)
@@ -104,51 +174,60 @@ class MuonSGD(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
             if group["muon"]:
-                from timm.optim.muon import muon as muon_update  # timm takes ~4 s to import
-
-                for p in params:
-                    p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                bufs = [self.state[p]["momentum_buffer"] for p in params]
-                muon_update(params, [p.grad for p in params], bufs, lr=group["lr"], weight_decay=0.0,
-                            momentum=group["muon_momentum"], nesterov=True, ns_steps=group["ns_steps"],
-                            ns_coefficients="original", eps=1e-7, safety_factor=1.0, adjust_lr_fn=None,
-                            conv_mode="flatten", normalize_spatial=False, scale_eps=False)
+                self._muon_step(group, params, bufs)
             else:
-                bufs = [self.state[p].get("momentum_buffer") for p in params]
+                kind = {"fused": True} if self._fused else {"foreach": True}
                 sgd_update(params, [p.grad for p in params], bufs, weight_decay=group["weight_decay"],
                            momentum=group["momentum"], lr=group["lr"], dampening=0.0,
-                           nesterov=group["nesterov"], maximize=False)
-                for p, buf in zip(params, bufs):  # sgd() creates the buffers on the first step
-                    self.state[p]["momentum_buffer"] = buf
+                           nesterov=group["nesterov"], maximize=False, **kind)
+            for p, buf in zip(params, bufs):  # created on the first step
+                self.state[p]["momentum_buffer"] = buf
         return loss
+
+    def _muon_step(self, group: dict, params: list[torch.Tensor], bufs: list) -> None:
+        norms = torch._foreach_norm(params)  # each filter bank to Frobenius norm sqrt(out channels)
+        torch._foreach_clamp_min_(norms, 1e-12)
+        torch._foreach_reciprocal_(norms)
+        torch._foreach_mul_(norms, [len(p) ** 0.5 for p in params])
+        torch._foreach_mul_(params, norms)
+        for i, p in enumerate(params):
+            if bufs[i] is None:
+                bufs[i] = torch.zeros_like(p)
+        grads, m = [p.grad for p in params], group["muon_momentum"]
+        torch._foreach_lerp_(bufs, grads, 1 - m)
+        filters = self._stacks.get(tuple(map(id, params)))
+        if filters is None:  # built once: the views follow the stack, which is rewritten in place each step
+            filters = self._stacks[tuple(map(id, params))] = FilterStack(params)
+        torch._foreach_copy_(filters.views, grads)
+        torch._foreach_lerp_(filters.views, bufs, m)  # Nesterov: the gradient moved towards the new momentum
+        filters.orthogonalise(group["ns_steps"], self.ns_dtype)
+        torch._foreach_add_(params, filters.views, alpha=-group["lr"])
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                     lookahead: bool = False, norm_bias_lr_scale: float = 1.0, whiten_bias_steps: int | None = None,
+                     norm_bias_lr_scale: float = 1.0, whiten_bias_steps: int | None = None,
                      muon_lr: float = 0.24, muon_momentum: float = 0.6) -> torch.optim.Optimizer:
     """The named optimizer over ``param_groups(model, ...)``; ``muon_lr`` / ``muon_momentum`` only for 'muon'."""
     groups = param_groups(model, weight_decay, lr, norm_bias_lr_scale, whiten_bias_steps,
                           muon_lr if name == "muon" else None)
+    # One fused kernel per update on CUDA; foreach ops elsewhere: a handful of ops, not a few per tensor.
+    cuda = next(model.parameters()).is_cuda
+    kind = {"fused": True} if cuda else {"foreach": True}
     if name in ("sgd", "nesterov"):
-        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=name == "nesterov")
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=name == "nesterov", **kind)
     elif name == "adam":
-        opt = torch.optim.Adam(groups, lr=lr)
+        opt = torch.optim.Adam(groups, lr=lr, **kind)
     elif name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr)
+        opt = torch.optim.AdamW(groups, lr=lr, **kind)
     elif name == "muon":
-        opt = MuonSGD(groups, lr=lr, momentum=momentum, muon_momentum=muon_momentum)
+        native_bf16 = cuda or cpu_has_native_bf16()
+        opt = MuonSGD(groups, lr=lr, momentum=momentum, muon_momentum=muon_momentum, fused=cuda,
+                      ns_dtype=torch.bfloat16 if native_bf16 else torch.float32)
     else:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULT_LR)}")
-    if not lookahead:
-        return opt
-    from timm.optim import Lookahead  # timm takes ~4 s to import: only when asked for
-
-    # Lookahead shares the base optimizer's param_groups, so the scheduler still sets the lr.
-    return Lookahead(opt, alpha=0.5, k=6)
+    return opt
 
 
 class StepSchedule:
@@ -216,10 +295,14 @@ class LookaheadEMA:
         self.model, self.every, self.decay, self.power = model, every, decay, power
         self.start_step, self.total_steps = start_step, max(total_steps, 1)
         self.ema: dict[str, torch.Tensor] | None = None
+        self._pairs: tuple[list, list] | None = None
 
-    def _pairs(self):
-        state = self.model.state_dict()
-        return [(self.ema[k], state[k]) for k in self.ema]
+    def _paired(self) -> tuple[list, list]:
+        """(EMA tensors, the model's own), found once: keep_vars tensors follow every in-place change."""
+        if self._pairs is None:
+            live = self.model.state_dict(keep_vars=True)
+            self._pairs = [self.ema[k] for k in self.ema], [live[k].data for k in self.ema]
+        return self._pairs
 
     def rho(self, step: int) -> float:
         return self.decay ** self.every * (step / self.total_steps) ** self.power
@@ -231,6 +314,7 @@ class LookaheadEMA:
             return
         if self.ema is None:
             self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items() if v.is_floating_point()}
+            self._pairs = None
             return
         self._move(1 - self.rho(global_step))
 
@@ -241,9 +325,9 @@ class LookaheadEMA:
             self._move(0.0)
 
     def _move(self, weight: float) -> None:
-        for ema, live in self._pairs():
-            ema.lerp_(live.to(ema.dtype), weight)
-            live.copy_(ema)
+        emas, lives = self._paired()
+        torch._foreach_lerp_(emas, lives, weight)
+        torch._foreach_copy_(lives, emas)
 
     def state_dict(self) -> dict:
         return {"ema": self.ema}
@@ -252,3 +336,4 @@ class LookaheadEMA:
         ema = state.get("ema")
         live = self.model.state_dict()
         self.ema = None if ema is None else {k: v.to(live[k].device, live[k].dtype) for k, v in ema.items()}
+        self._pairs = None

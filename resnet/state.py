@@ -8,7 +8,6 @@ counters: reading it never waits for the device.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,16 +62,12 @@ class TrainState:
             step = step * self.global_batch // global_batch
         return self.epoch, min(step, steps_per_epoch)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "trainer.json") -> "TrainState":
-        """Read a saved state, this schema's or the free-form dict of earlier versions (schema 1)."""
-        try:
-            data: dict[str, Any] = json.loads(text)
-        except ValueError as e:
-            raise StateError(f"{source}: not valid JSON ({e})") from None
+    def from_dict(cls, data: Any, source: str = "trainer.json") -> "TrainState":
+        """A saved state, this schema's or the free-form dict of earlier versions (schema 1)."""
         if not isinstance(data, dict):
             raise StateError(f"{source}: expected a JSON object, found {type(data).__name__}")
         schema = int(data.get("schema", 1))
@@ -82,8 +77,8 @@ class TrainState:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}  # schema 1 also kept e.g. "global_step"
         if values.get("partial") is not None:
-            values["partial"] = EpochSums(**{k: v for k, v in values["partial"].items()
-                                             if k in {f.name for f in dataclasses.fields(EpochSums)}})
+            sums = {f.name for f in dataclasses.fields(EpochSums)}
+            values["partial"] = EpochSums(**{k: v for k, v in values["partial"].items() if k in sums})
         values["schema"] = SCHEMA
         try:
             return cls(**values)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path, atomic_write_text
-from .config import ConfigError
+from .knobs import ConfigError
 
 METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"

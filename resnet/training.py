@@ -1,11 +1,15 @@
-"""``train(cfg)``: data, model, optimizer, loop, checkpoints and tracking wired through one Accelerator."""
+"""``train(cfg)``: set a run up once (``setup_run``), loop its epochs (``train_epoch``), end each epoch
+(``end_epoch``: validate, save, log). Everything a run holds lives in one ``Run``; its position and
+findings in a ``TrainState`` (state.py) saved with every checkpoint."""
 from __future__ import annotations
 
 import difflib
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -13,20 +17,24 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 
 from . import checkpoint as ckpt
-from .augment import AugmentConfig, BatchAugment, normalize
-from .config import ConfigError, TrainConfig, config_to_dict, save_config
-from .distributed import create_accelerator, precision_of, scaled_lr
+from .augment import AugmentConfig, BatchAugment
+from .config import COMPILE_MODES, ConfigError, TrainConfig, config_to_dict, save_config
 from .data import CLASSES, MEAN, STD, cifar10_splits
-from .engine import confusion_matrix, evaluate, train_one_epoch
-from .interrupt import StopRequest, Stopped
-from .loader import DeviceLoader, eval_loader, per_image_transform, to_chw_tensor, worker_loader
-from .models import count_parameters, create_model, has_whitening, list_models, parse_head_scale
-from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, LookaheadEMA, create_optimizer, create_scheduler, per_1024_images
+from .distributed import create_accelerator, precision_of, scaled_lr
+from .engine import EpochOutcome, EpochPlan, StepParts, confusion_matrix, evaluate, train_epoch
 from .identity import activation_of, run_group, run_name
+from .interrupt import StopRequest, Stopped
+from .loader import DeviceLoader, eval_loader, per_image_transform, worker_loader
+from .models import count_parameters, create_model, list_models
+from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, create_optimizer, create_scheduler, per_1024_images
+from .state import EpochSums, StateError, TrainState
+from .techniques import RunInfo, check_techniques, create_techniques, technique_model_kwargs
 from .tracking import (MetricsLog, define_wandb_metrics, environment_info, print_sync_hint, resolve_wandb_mode,
                        wandb_class_report, wandb_image_grid, wandb_init_kwargs, wandb_row, wandb_run_id)
 
 
+# ------------------------------------------------------------------------------------------------
+# The config
 def check_config(cfg: TrainConfig) -> None:
     """Fail early, naming the flag, on values that would otherwise fail deep inside the loop."""
     def need(ok: bool, flag: str, what: str) -> None:
@@ -36,21 +44,17 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.epochs > 0, "epochs", "must be positive")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.eval_every >= 1, "eval_every", "must be at least 1")
+    need(cfg.check_every >= 1, "check_every", "must be at least 1")
     need(cfg.lr is None or cfg.lr > 0, "lr", "must be positive")
     need(0 <= cfg.crop_scale < 1, "crop_scale", "must be in [0, 1) (0 = off)")
     need(0 < cfg.crop_ratio <= 1, "crop_ratio", "must be in (0, 1]")
     need(0 <= cfg.hue <= 0.5, "hue", "must be in [0, 0.5]")
     need(0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-    need(0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-    for name in ("hflip", "vflip", "jitter_p", "blur_p", "cutout_p", "mix_prob"):
+    for name in ("hflip", "vflip", "jitter_p", "blur_p", "cutout_p", "random_erasing"):
         need(0 <= getattr(cfg, name) <= 1, name, "is a probability in [0, 1]")
-    for name in ("translate", "rotation", "color_jitter", "blur_sigma", "cutout", "mixup", "cutmix",
-                 "warmup_epochs", "clip_grad", "val_split", "train_subset"):
+    for name in ("translate", "rotation", "color_jitter", "blur_sigma", "cutout", "warmup_epochs", "val_split",
+                 "train_subset", "workers", "momentum", "norm_bias_lr_scale"):
         need(getattr(cfg, name) >= 0, name, "must not be negative")
-    need(not (cfg.mixup or cfg.cutmix) or cfg.batch_size % 2 == 0, "batch_size", "must be even with Mixup/CutMix")
-    need(0 <= cfg.random_erasing <= 1, "random_erasing", "is a probability in [0, 1]")
-    need(cfg.workers >= 0, "workers", "must not be negative")
-    need(cfg.momentum >= 0, "momentum", "must not be negative")
     need(cfg.weight_decay is None or cfg.weight_decay >= 0, "weight_decay", "must not be negative")
     need(0 <= cfg.warmup_lr_ratio <= 1, "warmup_lr_ratio", "must be in [0, 1]")
     need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
@@ -59,30 +63,11 @@ def check_config(cfg: TrainConfig) -> None:
          f"differs from --resume {cfg.resume}; a resumed run stays in its own folder")
     for name in ("auto_augment", "random_erasing"):
         need(cfg.loader == "workers" or not getattr(cfg, name), name, "is per-image: add --loader workers")
-    check_techniques(cfg, need)
-
-
-def check_techniques(cfg: TrainConfig, need) -> None:
-    """The airbench / Muon options (issue 9)."""
-    need(cfg.bn_momentum is None or 0 <= cfg.bn_momentum <= 1, "bn_momentum", "must be in [0, 1]")
-    need(cfg.bn_eps is None or cfg.bn_eps > 0, "bn_eps", "must be positive")
-    try:
-        ok = cfg.head_scale is None or parse_head_scale(cfg.head_scale) > 0
-    except ValueError:
-        ok = False
-    need(ok, "head_scale", "expected a positive number, a fraction like 1/9, or 1/width")
-    need(cfg.norm_bias_lr_scale >= 0, "norm_bias_lr_scale", "must not be negative")
     need(cfg.lr_unit == "batch" or cfg.lr is not None, "lr_unit",
          "image1024 needs an explicit --lr (the defaults are per batch)")
     need(cfg.lr_unit == "batch" or cfg.lr_scale == "none", "lr_scale",
          "must be none with --lr-unit image1024, which already scales with the global batch")
-    need(cfg.muon_lr > 0, "muon_lr", "must be positive")
-    need(0 <= cfg.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
-    need(cfg.whiten_bias_epochs >= 0, "whiten_bias_epochs", "must not be negative")
-    need(cfg.lookahead_ema >= 0, "lookahead_ema", "is a step count (0 = off)")
-    need(0 < cfg.lookahead_ema_decay <= 1, "lookahead_ema_decay", "must be in (0, 1]")
-    need(cfg.lookahead_ema_power >= 0, "lookahead_ema_power", "must not be negative")
-    need(cfg.lookahead_ema_start >= 0, "lookahead_ema_start", "must not be negative")
+    check_techniques(cfg, need)
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -95,15 +80,12 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
     )
 
 
-# TrainConfig fields that are model-builder arguments when set (so they are saved with the weights).
-MODEL_FLAGS = ("stem", "bn_momentum", "bn_eps", "bn_frozen_weight", "dirac", "head_scale")
-
-
 def model_kwargs(cfg: TrainConfig) -> dict:
+    """The model-builder arguments of a run: --model-kwargs, --activation, the techniques' (saved with the weights)."""
     kw = dict(cfg.model_kwargs)
     if cfg.activation:
         kw["activation"] = cfg.activation
-    kw.update({name: getattr(cfg, name) for name in MODEL_FLAGS if getattr(cfg, name) is not None})
+    kw.update(technique_model_kwargs(cfg))
     return kw
 
 
@@ -119,6 +101,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         raise ConfigError(f"--model-kwargs: {cfg.model} cannot be built with {model_kwargs(cfg)} ({e})") from None
 
 
+# ------------------------------------------------------------------------------------------------
+# The run folder
 def prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     """The run folder, created (or emptied with --overwrite) on the main process and shared with every rank.
 
@@ -161,6 +145,41 @@ def _unique_run_dir(cfg: TrainConfig) -> Path:
     raise ConfigError(f"could not find a free run folder name under {base}; pass --run-dir")
 
 
+# ------------------------------------------------------------------------------------------------
+# Setting a run up
+@dataclass
+class Run:
+    """Everything a run holds, built once by ``setup_run``."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    parts: StepParts
+    schedule: Any
+    train_loader: Any
+    val_loader: Any
+    run_dir: Path
+    state: TrainState
+    metrics: MetricsLog
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    meta: dict  # saved with the weights: what evaluate.py and predict.py need to rebuild and score the net
+    precision: str
+    wandb_mode: str = "off"
+    wandb: Any = None
+    started: float = 0.0  # time.perf_counter() at start-up
+    first_epoch: int = 0  # the first epoch this launch trains (0-based)
+
+    @property
+    def n_epochs(self) -> int:
+        """Epochs to loop over: a fractional --epochs cuts the last one short."""
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.parts.techniques.eval_model() or self.parts.model
+
+
 def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
     """DeviceLoader (batched augmentation on the device) or the per-image DataLoader path."""
     if cfg.loader == "device":
@@ -173,21 +192,209 @@ def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
                          cfg.seed, cfg.channels_last, cfg.flip == "alternate")
 
 
-# airbench fits its whitening stem on the first 5,000 training images: plenty for a 12 x 12 covariance.
-WHITEN_IMAGES = 5000
+def compile_model(model: nn.Module, mode: str, device: torch.device, printer=print) -> nn.Module:
+    """torch.compile with ``mode``; the GPU-only modes (CUDA graphs, kernel autotuning) compile with
+    ``default`` on a CPU, saying so."""
+    if mode != "default" and device.type != "cuda":
+        printer(f"--compile-mode {mode}: GPU-only ({', '.join(COMPILE_MODES[1:])}); compiling with default on "
+                f"{device.type}")
+        mode = "default"
+    return torch.compile(model, mode=mode)
 
 
-def fit_whitening(model: nn.Module, images, device: torch.device) -> None:
-    """Fit the model's whitening stem (if any) on the first training images (uint8 NHWC), unaugmented.
+def build_optimizer(cfg: TrainConfig, model: nn.Module, techniques, global_batch: int, num_processes: int):
+    """(optimizer, its lr): the lr per --lr-unit and --lr-scale, the techniques' options and wrappers."""
+    base_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
+    lr = per_1024_images(base_lr, global_batch) if cfg.lr_unit == "image1024" else \
+        scaled_lr(base_lr, cfg.lr_scale, num_processes)
+    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WEIGHT_DECAY[cfg.opt]
+    optimizer = create_optimizer(model, cfg.opt, lr, weight_decay, cfg.momentum,
+                                 norm_bias_lr_scale=cfg.norm_bias_lr_scale, **techniques.optimizer_options())
+    return techniques.wrap_optimizer(optimizer), lr
 
-    Every rank loads the same split and fits the same way; the fit happens before ``accelerator.prepare``,
-    whose DDP wrapper then broadcasts rank 0's weights, so the ranks agree even to the last bit.
+
+def setup_run(cfg: TrainConfig) -> Run:
+    """Build every part of a run. Whatever can fail on the user's input fails before a file is written."""
+    started = time.perf_counter()
+    check_config(cfg)
+    wandb_mode = resolve_wandb_mode(cfg.wandb)
+    accelerator = create_accelerator(log_with="wandb" if wandb_mode != "off" else None)
+    if cfg.sync_bn and accelerator.device.type == "cpu":
+        raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; drop it for CPU runs")
+    set_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
+    model = build_model(cfg)
+    train_set, val_set = cifar10_splits(cfg.data_dir, cfg.val_split, cfg.seed, cfg.download, cfg.train_subset)
+    train_loader = make_train_loader(cfg, accelerator, train_set)  # too few images for a batch: ConfigError
+    run_dir = prepare_run_dir(cfg, accelerator)
+
+    n_params = count_parameters(model)
+    model = model.to(accelerator.device, memory_format=torch.channels_last if cfg.channels_last else None)
+    steps_per_epoch, global_batch = len(train_loader), cfg.batch_size * accelerator.num_processes
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))  # a fractional --epochs cuts the last epoch
+    techniques = create_techniques(cfg, RunInfo(accelerator, model, train_set.images, steps_per_epoch, total_steps))
+    for obj in techniques.checkpoint_objects():
+        accelerator.register_for_checkpointing(obj)
+    optimizer, lr = build_optimizer(cfg, model, techniques, global_batch, accelerator.num_processes)
+    if cfg.sync_bn and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.compile:
+        model = compile_model(model, cfg.compile_mode, accelerator.device, accelerator.print)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = create_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch),
+                                cfg.warmup_lr_ratio, cfg.min_lr_ratio, cfg.schedule)
+    loss_fn = techniques.loss_fn() or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    val_loader = accelerator.prepare(eval_loader(val_set.images, val_set.labels, 500)) if len(val_set.labels) else None
+    meta = {"model": cfg.model, "model_kwargs": model_kwargs(cfg), "classes": list(CLASSES), "mean": list(MEAN),
+            "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed, "tta": cfg.tta}
+    run = Run(cfg, accelerator, StepParts(model, optimizer, loss_fn, accelerator, techniques), schedule, train_loader,
+              val_loader, run_dir, TrainState(), MetricsLog(run_dir, enabled=accelerator.is_main_process),
+              steps_per_epoch, total_steps, global_batch, meta, precision_of(accelerator), wandb_mode,
+              started=started)
+    if cfg.resume:
+        run.state = load_train_state(accelerator, run_dir)
+    accelerator.print(_header(run, lr, len(train_set.labels), len(val_set.labels)))
+    return run
+
+
+def load_train_state(accelerator: Accelerator, run_dir: Path) -> TrainState:
+    """The saved state of a run (weights, optimizer, techniques and RNGs restored in place)."""
+    saved = ckpt.load_state(accelerator, run_dir)
+    try:
+        return TrainState.from_dict(saved, str(ckpt.state_dir_for_resume(run_dir) / ckpt.TRAINER_FILE))
+    except StateError as e:
+        raise ckpt.CheckpointError(str(e)) from None
+
+
+def _header(run: Run, lr: float, n_train: int, n_val: int) -> str:
+    cfg, n_proc = run.cfg, run.accelerator.num_processes
+    base_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
+    scaled = f" ({cfg.lr_scale}-scaled from {base_lr:g})" if cfg.lr_scale != "none" and lr != base_lr else ""
+    per_1024 = f" ({base_lr:g} per 1024 images)" if cfg.lr_unit == "image1024" else ""
+    epoch, step = run.state.position(run.steps_per_epoch, run.global_batch)
+    return (f"global batch {run.global_batch} ({n_proc} process{'es' if n_proc > 1 else ''} x {cfg.batch_size}), "
+            f"lr {lr:g}{scaled}{per_1024} | {cfg.model} ({run.meta['num_params']:,} parameters) on "
+            f"{run.accelerator.device.type}, precision {run.precision} | {n_train:,} train / {n_val:,} val images, "
+            f"{run.steps_per_epoch} steps/epoch | run {run.run_dir}"
+            + (f" | resumed at epoch {epoch + 1}, step {step}" if cfg.resume else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+def train(cfg: TrainConfig) -> dict:
+    """Train per ``cfg``; returns the final epoch's metrics, ``best_val_acc``, ``run_dir``, the trained ``model``
+    and its ``ema`` (the averaged model, or None).
+
+    Raises ``Stopped`` after saving a resumable state when SIGTERM/SIGINT arrives, and without saving
+    anything when the loss stops being finite.
     """
-    if has_whitening(model):
-        model.init_whitening(normalize(to_chw_tensor(images[:WHITEN_IMAGES]).to(device).float() / 255, MEAN, STD))
+    run = setup_run(cfg)
+    accelerator, state = run.accelerator, run.state
+    start_epoch, skip = state.position(run.steps_per_epoch, run.global_batch)
+    row: dict = {}
+    try:
+        if start_epoch * run.steps_per_epoch + skip >= run.total_steps:
+            accelerator.print(f"{run.run_dir} already trained {state.epochs_done(run.steps_per_epoch):g} epochs; "
+                              "pass --epochs N to train longer")
+            return result(run, row)
+        start_tracking(run)
+        run.first_epoch, carry = start_epoch, state.partial if skip else None
+        with StopRequest() as stop:
+            for epoch in range(start_epoch, run.n_epochs):
+                plan = EpochPlan(epoch, skip, min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch),
+                                 epoch * run.steps_per_epoch + skip, carry)
+                run.train_loader.set_epoch(epoch, skip)
+                outcome = train_epoch(run.parts, run.train_loader, run.schedule, plan, stop, cfg.check_every,
+                                      cfg.progress)
+                check_outcome(run, outcome, plan, stop)
+                row = end_epoch(run, epoch, outcome, plan)
+                skip, carry = 0, None
+                last = epoch + 1 == run.n_epochs
+                if not last and agreed(accelerator, stop.requested):
+                    run.metrics.plot()
+                    raise _stopped(stop, run.run_dir, f"the end of epoch {epoch + 1}")
+    finally:
+        accelerator.end_training()
+    return result(run, row)
 
 
-def sync_buffers(accelerator: Accelerator, *modules: nn.Module) -> None:
+def result(run: Run, row: dict) -> dict:
+    unwrap = run.accelerator.unwrap_model
+    return {**row, "best_val_acc": run.state.best_val_acc, "run_dir": str(run.run_dir),
+            "model": unwrap(run.parts.model, keep_torch_compile=False), "ema": run.parts.techniques.eval_model()}
+
+
+def check_outcome(run: Run, outcome: EpochOutcome, plan: EpochPlan, stop: StopRequest) -> None:
+    """Raise ``Stopped`` for an epoch ended by a non-finite loss (nothing saved) or a stop (state saved first)."""
+    if outcome.nonfinite:
+        first, last = outcome.nonfinite
+        where = f"step {last}" if first == last else f"between steps {first} and {last}"
+        raise Stopped(
+            f"error: the training loss became non-finite (nan/inf) at epoch {plan.epoch + 1}, {where} of "
+            f"{run.steps_per_epoch}; nothing was saved after epoch {run.state.epoch} (the last good state and "
+            f"weights are kept in {run.run_dir}). Try a lower --lr or --clip-grad 1.0", 3)
+    if outcome.stopped:
+        run.metrics.plot()
+        save_state(run, epoch=plan.epoch, step_in_epoch=outcome.step, partial=outcome.sums, outcome=outcome,
+                   plan=plan)
+        raise _stopped(stop, run.run_dir, f"epoch {plan.epoch + 1}, step {outcome.step}/{run.steps_per_epoch}")
+
+
+def save_state(run: Run, epoch: int, step_in_epoch: int, partial: EpochSums | None, outcome: EpochOutcome,
+               plan: EpochPlan) -> None:
+    """Save where the run is; ``train_time_s`` gains this launch's part of the epoch (a carried part was counted)."""
+    carried = plan.carry.elapsed if plan.carry else 0.0
+    state = run.state
+    state.epoch, state.step_in_epoch, state.partial, state.global_batch = epoch, step_in_epoch, partial, run.global_batch
+    state.train_time_s += outcome.sums.elapsed - carried
+    ckpt.save_state(run.accelerator, run.run_dir, state.to_dict())
+
+
+def end_epoch(run: Run, epoch: int, outcome: EpochOutcome, plan: EpochPlan) -> dict:
+    """Validate, save weights and state, log: the epoch's row (as in metrics.csv)."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    last = epoch + 1 == run.n_epochs
+    sync_buffers(accelerator, accelerator.unwrap_model(run.parts.model), run.parts.techniques.eval_model())
+    sums = outcome.sums
+    row = {"epoch": epoch + 1, "step": outcome.global_step, "train_loss": sums.loss_sum / max(sums.seen, 1),
+           "train_acc": sums.correct / max(sums.seen, 1), "lr": outcome.lr,
+           "images_per_sec": sums.seen / max(sums.elapsed, 1e-9), "epoch_time": sums.elapsed,
+           "first_step_time": outcome.first_step_time}
+    val = None
+    if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
+        # TTA multiplies eval cost, so only the final validation pays for it.
+        val = evaluate(run.eval_model, run.val_loader, accelerator, MEAN, STD, tta=cfg.tta if last else 0,
+                       channels_last=cfg.channels_last)
+        row.update(val_loss=val["loss"], val_acc=val["acc"])
+    improved = val is not None and val["acc"] > state.best_val_acc
+    if improved:
+        state.best_val_acc, state.best_epoch = val["acc"], epoch + 1
+    row["best_val_acc"] = state.best_val_acc if state.best_val_acc >= 0 else None
+    row["elapsed"] = time.perf_counter() - run.started  # seconds since start-up, evaluations included
+    # The row before the state: a complete saved state always has its row (a resume drops later ones).
+    run.accelerator.log(wandb_row(row))
+    if accelerator.is_main_process:
+        run.metrics.append(row, last=last)
+    save_weights(run, epoch, row, improved or run.val_loader is None)
+    # A cut last epoch is saved as a position inside it, with its sums: a longer --epochs on resume
+    # continues it (and replaces its row) instead of skipping its rest.
+    cut = plan.steps < run.steps_per_epoch
+    save_state(run, epoch=epoch if cut else epoch + 1, step_in_epoch=plan.steps if cut else 0,
+               partial=sums if cut else None, outcome=outcome, plan=plan)
+    report_epoch(run, row, val, last)
+    return row
+
+
+def save_weights(run: Run, epoch: int, row: dict, best: bool) -> None:
+    """last.safetensors, and best.safetensors when the validation improved (or there is none)."""
+    if run.accelerator.is_main_process:
+        weights = run.accelerator.unwrap_model(run.eval_model, keep_torch_compile=False)
+        epoch_meta = {**run.meta, "epoch": epoch + 1, "val_acc": row.get("val_acc")}
+        ckpt.save_weights(run.run_dir / "last.safetensors", weights, epoch_meta)
+        if best:
+            ckpt.save_weights(run.run_dir / "best.safetensors", weights, epoch_meta)
+
+
+def sync_buffers(accelerator: Accelerator, *modules: nn.Module | None) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics) of ``modules``, as DDP does at each forward.
 
     Parameters agree on every rank already (the same averaged gradients, the same updates), but each
@@ -197,7 +404,7 @@ def sync_buffers(accelerator: Accelerator, *modules: nn.Module) -> None:
     """
     if accelerator.num_processes > 1:
         for module in modules:
-            for buffer in module.buffers():
+            for buffer in module.buffers() if module is not None else ():
                 torch.distributed.broadcast(buffer, src=0)
 
 
@@ -208,229 +415,51 @@ def agreed(accelerator: Accelerator, flag: bool) -> bool:
     return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
 
 
-def resume_position(trainer: dict, steps_per_epoch: int, global_batch: int) -> tuple[int, int]:
-    """(epoch, step in that epoch) to continue from, at the current global batch size.
-
-    The schedule is a function of training progress (epochs and the fraction of one done), so a run
-    resumed with another process count gets the lr the uninterrupted run would have had there. Part of
-    an epoch done at another global batch maps to the last whole batch at the new size (at most one
-    global batch of images is seen twice).
-    """
-    epoch, step = trainer["epoch"], trainer.get("step_in_epoch", 0)
-    if step and trainer.get("global_batch", global_batch) != global_batch:
-        step = step * trainer["global_batch"] // global_batch
-    return epoch, min(step, steps_per_epoch)
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Train per ``cfg``; returns the final epoch's metrics, ``best_val_acc``, ``run_dir``, the trained ``model``
-    and its ``ema`` (the averaged model, or None).
-
-    Raises ``Stopped`` after saving a resumable state when SIGTERM/SIGINT arrives, and without saving
-    anything when the loss stops being finite.
-    """
-    started = time.perf_counter()
-    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    check_config(cfg)
-    wandb_mode = resolve_wandb_mode(cfg.wandb)
-    accelerator = create_accelerator(log_with="wandb" if wandb_mode != "off" else None)
-    if cfg.sync_bn and accelerator.device.type == "cpu":
-        raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; drop it for CPU runs")
-    set_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
-
-    # Everything that can fail on the user's input (data, model, batch size) fails before any file is written.
-    model = build_model(cfg)
-    train_set, val_set = cifar10_splits(cfg.data_dir, cfg.val_split, cfg.seed, cfg.download, cfg.train_subset)
-    n_params = count_parameters(model)
-    train_loader = make_train_loader(cfg, accelerator, train_set)  # too few images for a batch: ConfigError
-    run_dir = prepare_run_dir(cfg, accelerator)
-
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    base_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
-    global_batch = cfg.batch_size * accelerator.num_processes
-    lr = scaled_lr(base_lr, cfg.lr_scale, accelerator.num_processes)
-    if cfg.lr_unit == "image1024":
-        lr = per_1024_images(base_lr, global_batch)
-    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WEIGHT_DECAY[cfg.opt]
-    model = model.to(accelerator.device)  # before the EMA copy, so both live on the device
-    fit_whitening(model, train_set.images, accelerator.device)  # before the optimizer, EMA and DDP copy the weights
-    steps_per_epoch = len(train_loader)
-    optimizer = create_optimizer(model, cfg.opt, lr, weight_decay, cfg.momentum, cfg.lookahead,
-                                 norm_bias_lr_scale=cfg.norm_bias_lr_scale,
-                                 whiten_bias_steps=round(cfg.whiten_bias_epochs * steps_per_epoch),
-                                 muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
-    # timm's warm-up (decay min(d, 1 - (1 + step)^-2/3)): without it a long-run decay such as 0.9998 leaves
-    # the average of a short run close to the random initial weights.
-    ema = None
-    if cfg.ema_decay:
-        from .ema import ModelEma  # imports timm (~4 s): only for runs with an EMA
-
-        ema = ModelEma(model, decay=cfg.ema_decay, use_warmup=True)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    if cfg.sync_bn and accelerator.num_processes > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    val_loader = accelerator.prepare(eval_loader(val_set.images, val_set.labels, 500)) if len(val_set.labels) else None
-    # A fractional --epochs cuts the last epoch: ceil(total / steps_per_epoch) epochs, the last one shorter.
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = create_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch),
-                                 cfg.warmup_lr_ratio, cfg.min_lr_ratio, cfg.schedule)
-    lookahead = None
-    if cfg.lookahead_ema:
-        lookahead = LookaheadEMA(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.lookahead_ema,
-                                 cfg.lookahead_ema_decay, cfg.lookahead_ema_power,
-                                 round(cfg.lookahead_ema_start * steps_per_epoch), total_steps)
-        accelerator.register_for_checkpointing(lookahead)
-    mixup, loss_fn = None, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    if cfg.mixup or cfg.cutmix:
-        from timm.data import Mixup  # timm takes ~4 s to import: only when asked for
-        from timm.loss import SoftTargetCrossEntropy
-
-        loss_fn = SoftTargetCrossEntropy()
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
-                      label_smoothing=cfg.label_smoothing, num_classes=len(CLASSES))
-
-    meta = {"model": cfg.model, "model_kwargs": model_kwargs(cfg), "classes": list(CLASSES), "mean": list(MEAN),
-            "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed, "tta": cfg.tta}
-    metrics = MetricsLog(run_dir, enabled=accelerator.is_main_process)
-    trainer = {"epoch": 0, "step_in_epoch": 0, "best_val_acc": -1.0, "best_epoch": None, "train_time_s": 0.0,
-               "started_at": started_at}
+# ------------------------------------------------------------------------------------------------
+# Tracking
+def start_tracking(run: Run) -> None:
+    """Drop metrics rows a resume will run again, save config.yaml, start W&B (with a first augmented batch)."""
+    cfg, accelerator = run.cfg, run.accelerator
     if cfg.resume:
-        trainer.update(ckpt.load_state(accelerator, run_dir))
-    start_epoch, skip = resume_position(trainer, steps_per_epoch, global_batch)
-    if start_epoch * steps_per_epoch + skip >= total_steps:
-        done = trainer["epoch"] + trainer.get("step_in_epoch", 0) / steps_per_epoch
-        accelerator.print(f"{run_dir} already trained {done:g} epochs; pass --epochs N to train longer")
-        accelerator.end_training()
-        return {"best_val_acc": trainer["best_val_acc"], "run_dir": str(run_dir),
-                "model": accelerator.unwrap_model(model, keep_torch_compile=False)}
-    if cfg.resume:
-        metrics.truncate_after(trainer["epoch"])  # the rows of epochs to be run (again), a cut last one included
-    precision = precision_of(accelerator)
+        run.metrics.truncate_after(run.state.epoch)  # the rows of epochs to be run (again), a cut last one included
     if accelerator.is_main_process:
         # After a resume has loaded its state: one that cannot (another --model-kwargs) leaves config.yaml as it was.
-        save_config(cfg, run_dir / "config.yaml", f"precision used: {precision} (from the accelerate config; "
-                                                 "not a train.py flag)")
-    carry = trainer.get("partial") if skip else None
+        save_config(cfg, run.run_dir / "config.yaml", f"precision used: {run.precision} (from the accelerate "
+                                                     "config; not a train.py flag)")
+    run.wandb = start_wandb(cfg, accelerator, run.wandb_mode, run.run_dir, run.meta["num_params"])
+    if run.wandb is not None and not cfg.resume:
+        run.train_loader.set_epoch(0)
+        run.wandb.log({"train/augmented_batch": wandb_image_grid(
+            next(iter(run.train_loader))[0], MEAN, STD, "augmented training batch, epoch 1 (as the model sees it)")})
 
-    wandb_run = start_wandb(cfg, accelerator, wandb_mode, run_dir, n_params)
-    if wandb_run is not None and not cfg.resume:
-        train_loader.set_epoch(0)
-        wandb_run.log({"train/augmented_batch": wandb_image_grid(
-            next(iter(train_loader))[0], MEAN, STD, "augmented training batch, epoch 1 (as the model sees it)")})
-    n_proc = accelerator.num_processes
-    accelerator.print(
-        f"global batch {global_batch} ({n_proc} process{'es' if n_proc > 1 else ''} x {cfg.batch_size}), "
-        f"lr {lr:g}{f' ({cfg.lr_scale}-scaled from {base_lr:g})' if cfg.lr_scale != 'none' and lr != base_lr else ''}"
-        f"{f' ({base_lr:g} per 1024 images)' if cfg.lr_unit == 'image1024' else ''} | {cfg.model} "
-        f"({n_params:,} parameters) on {accelerator.device.type}, precision {precision} | "
-        f"{len(train_set.labels):,} train / {len(val_set.labels):,} val images, {steps_per_epoch} steps/epoch | "
-        f"run {run_dir}"
-        + (f" | resumed at epoch {start_epoch + 1}, step {skip}" if cfg.resume else "")
-    )
 
-    def save_trainer(**update) -> None:
-        trainer.update(update, global_batch=global_batch)
-        ckpt.save_state(accelerator, run_dir, trainer)
+def report_epoch(run: Run, row: dict, val: dict | None, last: bool) -> None:
+    """After the epoch's save: summary.json, the W&B summary (and the confusion matrix), the console line."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    if accelerator.is_main_process:
+        write_summary(run, finished=last)
+    if run.wandb is not None:
+        run.wandb.summary.update({"best/val_acc": state.best_val_acc, "best/epoch": state.best_epoch,
+                                  "params": run.meta["num_params"], "train_time_s": state.train_time_s})
+        if last and val is not None:
+            matrix = confusion_matrix(val["targets"], val["preds"], len(CLASSES))
+            report = wandb_class_report(matrix, list(CLASSES), f"validation, epoch {row['epoch']}")
+            run.wandb.log({"epoch": row["epoch"], **{f"val/{k}": v for k, v in report.items()}})
+    accelerator.print(_summary(row, cfg.epochs))
+    if cfg.compile and row["epoch"] == run.first_epoch + 1:
+        accelerator.print(f"torch.compile: the first step took {row['first_step_time']:.1f}s (one-off compile cost)")
 
-    identity = {"group": run_group(config_to_dict(cfg)), "name": run_name(config_to_dict(cfg))}
 
-    def write_summary(finished: bool) -> None:
-        if accelerator.is_main_process:
-            rows = metrics.rows()
-            speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
-            best = trainer["best_val_acc"]
-            ckpt.write_summary(run_dir, {
-                "finished": finished,
-                "epochs_done": trainer["epoch"] + trainer["step_in_epoch"] / steps_per_epoch, "epochs": cfg.epochs, "params": n_params,
-                "best_val_acc": best if best >= 0 else None, "best_epoch": trainer["best_epoch"],
-                "train_time_s": trainer["train_time_s"], "precision": precision,
-                "images_per_sec": sum(speeds) / len(speeds) if speeds else None,
-                "started_at": trainer["started_at"], **identity})
-
-    row: dict = {}
-    with StopRequest() as stop:
-        try:
-            for epoch in range(start_epoch, n_epochs):
-                train_loader.set_epoch(epoch, skip)
-                carried_time = (carry or {}).get("elapsed", 0.0)  # already counted in train_time_s
-                partial = carry if accelerator.is_main_process else {"elapsed": carried_time}
-                steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)  # < a full epoch: cut
-                stats = train_one_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn,
-                                        epoch * steps_per_epoch + skip, epoch + 1, mixup=mixup, ema=ema,
-                                        clip_grad=cfg.clip_grad, progress=cfg.progress, start_step=skip,
-                                        carry=partial, stop=lambda: stop.signum is not None,
-                                        steps=steps, lookahead=lookahead)
-                skip, carry = 0, None
-                train_time = trainer["train_time_s"] + stats["epoch_time"] - carried_time
-                if stats["nonfinite"]:
-                    raise Stopped(
-                        f"error: the training loss became non-finite (nan/inf) at epoch {epoch + 1}, step "
-                        f"{stats['step_in_epoch']}/{steps_per_epoch}; nothing was saved after epoch {trainer['epoch']} "
-                        f"(the last good state and weights are kept in {run_dir}). Try a lower --lr or --clip-grad 1.0", 3)
-                if stats["stopped"]:
-                    metrics.plot()
-                    save_trainer(epoch=epoch, step_in_epoch=stats["step_in_epoch"], partial=stats["train_sums"],
-                                 train_time_s=train_time)
-                    raise _stopped(stop, run_dir, f"epoch {epoch + 1}, step {stats['step_in_epoch']}/{steps_per_epoch}")
-                global_step = stats["global_step"]
-                row = {"epoch": epoch + 1, "step": global_step,
-                       **{k: v for k, v in stats.items() if k not in ("global_step", "step_in_epoch", "stopped",
-                                                                      "nonfinite", "train_sums")}}
-                sync_buffers(accelerator, accelerator.unwrap_model(model), *([ema.module] if ema is not None else []))
-                eval_model = ema.module if ema is not None else model
-                last = epoch + 1 == n_epochs
-                if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
-                    # TTA multiplies eval cost, so only the final validation pays for it.
-                    val = evaluate(eval_model, val_loader, accelerator, MEAN, STD, tta=cfg.tta if last else 0,
-                                   channels_last=cfg.channels_last)
-                    row.update(val_loss=val["loss"], val_acc=val["acc"])
-                improved = "val_acc" in row and row["val_acc"] > trainer["best_val_acc"]
-                if improved:
-                    trainer.update(best_val_acc=row["val_acc"], best_epoch=epoch + 1)
-                best_acc = trainer["best_val_acc"]
-                row["best_val_acc"] = best_acc if best_acc >= 0 else None
-                row["elapsed"] = time.perf_counter() - started  # seconds since start-up, evaluations included
-                accelerator.log(wandb_row(row))
-                if accelerator.is_main_process:
-                    metrics.append(row, last=last)
-                    weights = accelerator.unwrap_model(eval_model, keep_torch_compile=False)
-                    epoch_meta = {**meta, "epoch": epoch + 1, "val_acc": row.get("val_acc")}
-                    ckpt.save_weights(run_dir / "last.safetensors", weights, epoch_meta)
-                    if improved or val_loader is None:
-                        ckpt.save_weights(run_dir / "best.safetensors", weights, epoch_meta)
-                if steps < steps_per_epoch:
-                    # A cut last epoch is saved as a position inside it, with its sums: a longer --epochs on
-                    # resume continues it (and replaces its row) instead of skipping its rest.
-                    save_trainer(epoch=epoch, step_in_epoch=steps, partial=stats["train_sums"], train_time_s=train_time)
-                else:
-                    save_trainer(epoch=epoch + 1, step_in_epoch=0, partial=None, train_time_s=train_time)
-                write_summary(finished=last)
-                if wandb_run is not None:
-                    wandb_run.summary.update({"best/val_acc": trainer["best_val_acc"], "best/epoch": trainer["best_epoch"],
-                                              "params": n_params, "train_time_s": trainer["train_time_s"]})
-                    if last and "val_acc" in row:
-                        matrix = confusion_matrix(val["targets"], val["preds"], len(CLASSES))
-                        report = wandb_class_report(matrix, list(CLASSES), f"validation, epoch {epoch + 1}")
-                        wandb_run.log({"epoch": epoch + 1, **{f"val/{k}": v for k, v in report.items()}})
-                accelerator.print(_summary(row, cfg.epochs))
-                if cfg.compile and epoch == start_epoch:
-                    accelerator.print(f"torch.compile: the first step took {row['first_step_time']:.1f}s "
-                                      "(one-off compile cost)")
-                if not last and agreed(accelerator, stop.signum is not None):
-                    metrics.plot()
-                    raise _stopped(stop, run_dir, f"the end of epoch {epoch + 1}")
-        finally:
-            accelerator.end_training()
-    return {**row, "best_val_acc": trainer["best_val_acc"], "run_dir": str(run_dir),
-            "model": accelerator.unwrap_model(model, keep_torch_compile=False),
-            "ema": ema.module if ema is not None else None}
+def write_summary(run: Run, finished: bool) -> None:
+    rows = run.metrics.rows()
+    speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
+    state, config = run.state, config_to_dict(run.cfg)
+    ckpt.write_summary(run.run_dir, {
+        "finished": finished, "epochs_done": state.epochs_done(run.steps_per_epoch), "epochs": run.cfg.epochs,
+        "params": run.meta["num_params"], "best_val_acc": state.best_val_acc if state.best_val_acc >= 0 else None,
+        "best_epoch": state.best_epoch, "train_time_s": state.train_time_s, "precision": run.precision,
+        "images_per_sec": sum(speeds) / len(speeds) if speeds else None, "started_at": state.started_at,
+        "group": run_group(config), "name": run_name(config)})
 
 
 def start_wandb(cfg: TrainConfig, accelerator: Accelerator, mode: str, run_dir: Path, n_params: int):

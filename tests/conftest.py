@@ -116,19 +116,6 @@ TINY_RUN = ["--model", "resnet_tiny_20k", "--batch-size", "32", "--val-split", "
 
 
 # ------------------------------------------------------------------------------------------------
-# Tests that share an expensive module- or session-scoped fixture (a trained run) go to one xdist worker
-# (--dist loadgroup in pytest.ini), which builds it once instead of once per worker.
-SHARED_FIXTURES = ("trained_run", "wandb_run", "three_epochs", "pool", "run")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    for item in items:
-        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
-
-
-# ------------------------------------------------------------------------------------------------
 # Tests write only to temporary folders: a test run that leaves a file in the repository (say, a runs/
 # folder from a train.py started with cwd=ROOT and no --run-dir) fails the session.
 # A walk rather than `git status --ignored`: git reports an ignored folder as one line, so a new run

@@ -148,18 +148,18 @@ def test_resume_after_a_crash_continues_exactly(cifar_dir, tmp_path, monkeypatch
     args = [*TINY_RUN, "--data-dir", str(cifar_dir), "--epochs", "3", "--wandb", "off", "--ema-decay", "0.5"]
     straight = _train_in_process([*args, "--run-dir", str(tmp_path / "a")])
 
-    real_epoch = training.train_one_epoch
+    real_epoch = training.train_epoch
 
-    def crash_in_epoch_3(*a, **k):
-        if a[7] == 3:  # the epoch argument (1-based)
+    def crash_in_epoch_3(parts, loader, schedule, plan, *a, **k):
+        if plan.epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(*a, **k)
+        return real_epoch(parts, loader, schedule, plan, *a, **k)
 
-    monkeypatch.setattr(training, "train_one_epoch", crash_in_epoch_3)
+    monkeypatch.setattr(training, "train_epoch", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         _train_in_process([*args, "--run-dir", str(tmp_path / "b")])
     assert json.loads((tmp_path / "b/state/trainer.json").read_text())["epoch"] == 2
-    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(training, "train_epoch", real_epoch)
     resumed = _train_in_process(["--resume", str(tmp_path / "b")])
 
     assert resumed["epoch"] == 3 and resumed["step"] == straight["step"]

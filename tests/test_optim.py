@@ -29,7 +29,9 @@ def test_optimizer_choices(name, cls):
 
 
 def test_lookahead_wraps_and_shares_the_lr():
-    opt = create_optimizer(create_model("resnet_tiny_20k"), "sgd", 0.1, 0.0, lookahead=True)
+    from resnet.techniques.lookahead import Lookahead
+
+    opt = Lookahead().wrap_optimizer(create_optimizer(create_model("resnet_tiny_20k"), "sgd", 0.1, 0.0))
     assert type(opt).__name__ == "Lookahead"
     sched = create_scheduler(opt, 100, 10, 0.01, 0.0)
     sched.step_update(50)

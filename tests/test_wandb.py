@@ -38,7 +38,7 @@ def wandb_run(cifar_dir, tmp_path_factory) -> Path:
     proc = run_cli("train.py", *base, "--epochs", "2", "--run-dir", str(run_dir))
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert f"W&B offline; upload later with: wandb sync {offline[0]}" in proc.stdout
-    run_cli("train.py", "--resume", str(run_dir), "--epochs", "3")
+    run_cli("train.py", "--resume", str(run_dir), "--epochs", "3", config=None)
     for split in ("test", "val"):
         run_cli("evaluate.py", "--checkpoint", str(run_dir), "--split", split, "--data-dir", str(cifar_dir),
                 "--no-download", "--wandb", "offline", config=None)
