@@ -29,6 +29,7 @@ from resnet.loader import DeviceLoader  # noqa: E402
 from resnet.models import create_model  # noqa: E402
 from resnet.optim import create_optimizer, create_scheduler  # noqa: E402
 from resnet.techniques import ActiveTechniques  # noqa: E402
+from results import record  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
                         help="default: the accelerate config's")
+    parser.add_argument("--record", action="store_true", help="append the figures to results/")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
                         help="GPU: keep cuDNN's default conv algorithms (the suite times them once per shape)")
     args = parser.parse_args()
@@ -107,6 +109,14 @@ def main() -> None:
     print(f"bare forward+backward+step: {bare_best:8.1f} img/s")
     print(f"full train.py step:         {full:8.1f} img/s")
     print(f"overhead: {100 * (bare_best / full - 1):.1f}% (goal: at most 10%)")
+    if args.record:
+        subject = f"{args.model}, batch {args.batch_size}, {accelerator.mixed_precision} precision"
+        command = (f"python bench/step_overhead.py --model {args.model} --batch-size {args.batch_size} "
+                   f"--steps {args.steps} --repeats {args.repeats}"
+                   + (f" --mixed-precision {args.mixed_precision}" if args.mixed_precision else ""))
+        record("step_overhead", subject, "bare_images_per_sec", bare_best, command)
+        record("step_overhead", subject, "full_images_per_sec", full, command)
+        record("step_overhead", subject, "overhead_pct", 100 * (bare_best / full - 1), command)
 
 
 if __name__ == "__main__":

@@ -10,28 +10,33 @@ time each threshold was reached.
 """
 import argparse
 import csv
+import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from results import ROOT, record
+
 THRESHOLDS = (0.85, 0.90, 0.94)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="configs/fast.yaml")
+    parser.add_argument("--recipe", default="configs/fast.yaml", help="a recipe, or none: train.py's defaults")
     parser.add_argument("--accelerate-config", default="accelerate_configs/bf16.yaml")
     parser.add_argument("--data-dir", default="~/.cache/cifar10")
     parser.add_argument("--run-dir", default=None, help="default: a temporary folder")
+    parser.add_argument("--record", action="store_true", help="append the run's figures to results/")
     parser.add_argument("extra", nargs="*", help="more train.py flags, after --")
     args = parser.parse_args()
 
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="tta_bench_")) / "run"
+    args.run_dir_used = run_dir
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", args.accelerate_config,
-           "train.py", "--config", args.recipe, "--data-dir", args.data_dir, "--val-split", "5000",
+           "train.py", *(["--config", args.recipe] if args.recipe != "none" else []), "--data-dir", args.data_dir,
+           "--val-split", "5000",
            "--no-download", "--no-progress", "--wandb", "off", "--run-dir", str(run_dir), *args.extra]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
@@ -50,6 +55,8 @@ def main() -> None:
             if acc is not None and acc >= t and t not in first:
                 first[t] = (train_s, float(r["elapsed"]), r["epoch"])
     print(f"\nwhole accelerate launch: {wall:.1f} s; final val acc {rows[-1].get('val_acc')}")
+    if args.record:
+        record_run(args, rows, train_s, wall)
     if not any(r.get("val_acc") for r in rows):
         print("no validation split (--val-split 0): accuracy not measured")
         return
@@ -59,6 +66,21 @@ def main() -> None:
             print(f"{t:.0%} reached at epoch {ep}: {tr:.1f} s of training, {el:.1f} s since start-up")
         else:
             print(f"{t:.0%} not reached")
+
+
+def record_run(args, rows: list[dict], train_s: float, wall: float) -> None:
+    """The run's final val accuracy, training and whole-launch seconds and images/s as rows of results/."""
+    summary = json.loads((Path(args.run_dir_used) / "summary.json").read_text())
+    extra = [a for a in args.extra if a != "--"]
+    seed = extra[extra.index("--seed") + 1] if "--seed" in extra else "0"
+    subject = " ".join([args.recipe, *[a for a in extra if a not in ("--seed", seed)]]) + \
+        f" ({summary['precision']}, {Path(args.accelerate_config).name})"
+    command = f"python bench/time_to_accuracy.py --recipe {args.recipe} --accelerate-config " \
+              f"{args.accelerate_config}" + (f" -- {' '.join(extra)}" if extra else "")
+    for metric, value in (("val_acc", rows[-1].get("val_acc")), ("train_s", train_s), ("process_s", wall),
+                          ("images_per_sec", summary.get("images_per_sec"))):
+        if value not in (None, ""):
+            record("time_to_accuracy", subject, metric, float(value), command, seed=seed)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ class CoreTrainConfig:
     data_dir: str = knob("~/.cache/cifar10", "folder holding (or to receive) cifar-10-batches-py/")
     download: bool = knob(True, "download the official archive when the data is missing")
     val_split: int = knob(5000, "images held out of train for validation (stratified; 0 = none)")
+    split_seed: int | None = knob(None, "seed of the train/validation split (default: --seed), to compare seeds "
+                                        "or recipes on the same validation images")
     train_subset: int = knob(0, "use only the first N training images after the split (0 = all)")
     # --- run
     seed: int = knob(0, "seed for initialisation, data order and augmentation")

@@ -39,8 +39,8 @@ def _labeled_data(cfg: EvalConfig, meta: dict) -> tuple[np.ndarray, np.ndarray, 
     val_split = cfg.val_split if cfg.val_split is not None else meta.get("val_split", 0)
     if not val_split:
         raise DataError("this run was trained without a validation split; pass --val-split N or use --split test")
-    # The run's own seed reproduces the exact images it held out.
-    _, val = cifar10_splits(cfg.data_dir, val_split, meta.get("seed", 0), cfg.download)
+    # The run's own split seed reproduces the exact images it held out.
+    _, val = cifar10_splits(cfg.data_dir, val_split, meta.get("split_seed", meta.get("seed", 0)), cfg.download)
     return val.images, val.labels, "val"
 
 

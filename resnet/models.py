@@ -403,3 +403,13 @@ def resnet_airbench_whiten_2m(**overrides) -> PoolResNet:
     model_args = dict(widths=(64, 256, 256), activation="gelu", stem="whiten", bn_momentum=0.4, bn_eps=1e-12,
                       bn_frozen_weight=True, dirac=True, head_scale=1 / 9)
     return PoolResNet(**{**model_args, **overrides})
+
+
+@register_model
+def resnet_airbench_whiten_5m(**overrides) -> PoolResNet:
+    """airbench95's widths (128-384-384, 4.61M parameters) on resnet_airbench_whiten_2m's layout and techniques:
+    the largest airbench net under the 5M-parameter limit (airbench96's 128-512-512 is 7.85M here)."""
+    model_args = dict(widths=(128, 384, 384), activation="gelu", stem="whiten", bn_momentum=0.4, bn_eps=1e-12,
+                      bn_frozen_weight=True, dirac=True, head_scale=1 / 9)
+    return PoolResNet(**{**model_args, **overrides})
+

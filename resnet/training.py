@@ -223,7 +223,8 @@ def setup_run(cfg: TrainConfig) -> Run:
         raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; drop it for CPU runs")
     set_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     model = build_model(cfg)
-    train_set, val_set = cifar10_splits(cfg.data_dir, cfg.val_split, cfg.seed, cfg.download, cfg.train_subset)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_set, val_set = cifar10_splits(cfg.data_dir, cfg.val_split, split_seed, cfg.download, cfg.train_subset)
     train_loader = make_train_loader(cfg, accelerator, train_set)  # too few images for a batch: ConfigError
     run_dir = prepare_run_dir(cfg, accelerator)
 
@@ -245,7 +246,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     loss_fn = techniques.loss_fn() or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_loader = accelerator.prepare(eval_loader(val_set.images, val_set.labels, 500)) if len(val_set.labels) else None
     meta = {"model": cfg.model, "model_kwargs": model_kwargs(cfg), "classes": list(CLASSES), "mean": list(MEAN),
-            "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed, "tta": cfg.tta}
+            "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed, "split_seed": split_seed, "tta": cfg.tta}
     run = Run(cfg, accelerator, StepParts(model, optimizer, loss_fn, accelerator, techniques), schedule, train_loader,
               val_loader, run_dir, TrainState(), MetricsLog(run_dir, enabled=accelerator.is_main_process),
               steps_per_epoch, total_steps, global_batch, meta, precision_of(accelerator), wandb_mode,
