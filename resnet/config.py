@@ -42,7 +42,7 @@ class CoreTrainConfig:
     channels_last: bool = knob(True, "NHWC memory layout (faster convs on CPU and tensor cores)")
     compile: bool = knob(False, "torch.compile the model (one-time compile cost, then faster steps on GPU)")
     compile_mode: str = knob("default", "with --compile: torch.compile's mode; reduce-overhead (CUDA graphs) and the "
-                                        "max-autotune modes only on a GPU (a CPU run compiles with default)",
+                                        "max-autotune modes only on a GPU, a CPU run falls back to the default mode",
                              choices=list(COMPILE_MODES))
     # --- optimisation
     opt: str = knob("sgd", "optimizer; muon = Muon on conv filters, Nesterov SGD on the rest (airbench94_muon)",
@@ -139,7 +139,8 @@ class EvalConfig:
     val_split: int | None = knob(None, "validation size used for --split val (default: the run's own)")
     batch_size: int = knob(500, "images per forward pass")
     tta: int | None = knob(None, TTA_HELP + " (default: the level the run validated with)", choices=[0, 1, 2])
-    out: str | None = knob(None, "JSON report path (default: <run>/eval_<split>.json)")
+    out: str | None = knob(None, "JSON report path (default: <run>/eval_<split>.json; eval_<split>_tta<k>.json with "
+                                 "TTA level k)")
     wandb: str = knob("auto", "log the scores into the training run's W&B run (when it had one): auto = online "
                               "when logged in, else offline", choices=["auto", "online", "offline", "off"])
 

@@ -46,12 +46,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def describe_cpu() -> str:
-    """'AMD EPYC 7B13, 2 cores, AVX2 only: no native bf16' style summary, for logs and results rows."""
+    """'AMD EPYC 7B13, 2 cores, AVX2, no native bf16': the CPU, its widest SIMD as torch uses it, its bf16."""
     features = cpu_bf16_features()
     have = [name for name, on in features.items() if on]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     bf16 = f"native bf16 ({', '.join(have)})" if have else "no native bf16"
-    return f"{cpu_model()}, {cores} cores, {bf16}"
+    return f"{cpu_model()}, {cores} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}"
 
 
 def main() -> None:
