@@ -5,7 +5,8 @@
 Each launch is a real `accelerate launch train.py` on the real training set (a subset, so it takes a minute),
 alternating fp32 and bf16, best of --repeats. Prints the precision each launch says it used (summary.json)
 and its images/s. On a CPU without native bf16 (AVX512-BF16 or AMX) a bf16 request trains in fp32 and says
-so, so both rates should match; on one with it, bf16 should be the faster. Appends the figures to results/.
+so, so both rates should match; on one with it, bf16 should be the faster. --record appends the figures to
+results/.
 """
 import argparse
 import json
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="training steps of 512 images per launch")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data-dir", default="~/.cache/cifar10")
-    parser.add_argument("--no-record", action="store_true", help="print only; append nothing to results/")
+    parser.add_argument("--record", action="store_true", help="append the figures to results/")
     args = parser.parse_args()
 
     best: dict[str, dict] = {}
@@ -55,7 +56,7 @@ def main() -> None:
     fp32, bf16 = best["cpu.yaml"], best["bf16.yaml"]
     ratio = bf16["images_per_sec"] / fp32["images_per_sec"]
     print(f"bf16.yaml ran in {bf16['precision']} at {ratio:.2f}x the images/s of cpu.yaml ({fp32['precision']})")
-    if args.no_record:
+    if not args.record:
         return
     command = f"python bench/precision.py --recipe {args.recipe} --steps {args.steps} --repeats {args.repeats}"
     for config, got in best.items():
