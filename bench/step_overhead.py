@@ -22,7 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet.augment import AugmentConfig, BatchAugment  # noqa: E402
 from resnet.data import MEAN, STD  # noqa: E402
-from resnet.distributed import create_accelerator  # noqa: E402
+from resnet.distributed import create_accelerator, precision_of  # noqa: E402
 from resnet.engine import EpochPlan, StepParts, train_epoch  # noqa: E402
 from resnet.interrupt import StopRequest  # noqa: E402
 from resnet.loader import DeviceLoader  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> None:
     print(f"full train.py step:         {full:8.1f} img/s")
     print(f"overhead: {100 * (bare_best / full - 1):.1f}% (goal: at most 10%)")
     if args.record:
-        subject = f"{args.model}, batch {args.batch_size}, {accelerator.mixed_precision} precision"
+        subject = f"{args.model}, batch {args.batch_size}, {precision_of(accelerator)}"
         command = (f"python bench/step_overhead.py --model {args.model} --batch-size {args.batch_size} "
                    f"--steps {args.steps} --repeats {args.repeats}"
                    + (f" --mixed-precision {args.mixed_precision}" if args.mixed_precision else ""))

@@ -136,6 +136,9 @@ def train_epoch(parts: StepParts, loader, schedule, plan: EpochPlan, stop: StopR
             if not outcome.complete or step >= plan.steps:
                 break
     bar.close()
+    if last_read != step:  # the loader ran out before the plan's last step: read what it did
+        sums, _ = meters.read(accelerator, False)
+        outcome = _progress(outcome, sums + carry, step, global_step, False, last_read, plan.steps)
     if outcome.complete and step >= plan.steps:
         parts.techniques.end_of_epoch()
     outcome.sums.elapsed = time.perf_counter() - start + carry.elapsed

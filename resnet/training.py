@@ -177,7 +177,9 @@ class Run:
 
     @property
     def eval_model(self) -> nn.Module:
-        return self.parts.techniques.eval_model() or self.parts.model
+        """The model validated and saved: the EMA's when a technique keeps one, else the trained one."""
+        average = self.parts.techniques.eval_model()
+        return self.parts.model if average is None else average
 
 
 def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
@@ -229,7 +231,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     run_dir = prepare_run_dir(cfg, accelerator)
 
     n_params = count_parameters(model)
-    model = model.to(accelerator.device, memory_format=torch.channels_last if cfg.channels_last else None)
+    model = model.to(accelerator.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     steps_per_epoch, global_batch = len(train_loader), cfg.batch_size * accelerator.num_processes
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))  # a fractional --epochs cuts the last epoch
     techniques = create_techniques(cfg, RunInfo(accelerator, model, train_set.images, steps_per_epoch, total_steps))
@@ -246,7 +248,8 @@ def setup_run(cfg: TrainConfig) -> Run:
     loss_fn = techniques.loss_fn() or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_loader = accelerator.prepare(eval_loader(val_set.images, val_set.labels, 500)) if len(val_set.labels) else None
     meta = {"model": cfg.model, "model_kwargs": model_kwargs(cfg), "classes": list(CLASSES), "mean": list(MEAN),
-            "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed, "split_seed": split_seed, "tta": cfg.tta}
+            "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed,
+            "split_seed": split_seed, "tta": cfg.tta}
     run = Run(cfg, accelerator, StepParts(model, optimizer, loss_fn, accelerator, techniques), schedule, train_loader,
               val_loader, run_dir, TrainState(), MetricsLog(run_dir, enabled=accelerator.is_main_process),
               steps_per_epoch, total_steps, global_batch, meta, precision_of(accelerator), wandb_mode,

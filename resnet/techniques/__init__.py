@@ -136,9 +136,6 @@ class ActiveTechniques:
             if len(hooked[hook]) > 1:
                 raise ValueError(f"two techniques replace the {hook}: {[type(t).__name__ for t in hooked[hook]]}")
 
-    def find(self, kind: type[Technique]) -> Technique | None:
-        return next((t for t in self.all if isinstance(t, kind)), None)
-
     def optimizer_options(self) -> dict:
         return {k: v for t in self.all for k, v in t.optimizer_options().items()}
 
