@@ -4,7 +4,8 @@
 
 Made for a lent GPU machine with a few minutes of device time and no network. Before it, on this side:
   pip download --no-deps airbench==0.1.8 -d .wheels       (.wheels/ is ignored by git; carry it along)
-and the training set must be in --data-dir there (python ../shared/data/build_cifar10.py --out ...).
+  cp -r ../shared/data .cifar-build                        (16 MB, ignored too: the training set is built
+                                                            there into --data-dir when that has none)
 Each task is a bench of bench/ run with --record, so every figure lands in results/gpu.csv as it is
 measured (date, GPU, torch, commit, command, figure); a task cut by the deadline leaves what it recorded.
 
@@ -69,6 +70,9 @@ def main() -> int:
     if wheels.is_dir() and not args.dry_run:  # no network on a lent machine: install what was carried
         subprocess.run([PY, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--find-links", str(wheels),
                         *[w.name.split("-")[0] for w in wheels.iterdir()]], check=False)
+    build, data = ROOT / ".cifar-build" / "build_cifar10.py", Path(args.data_dir).expanduser()
+    if build.is_file() and not (data / "cifar-10-batches-py").is_dir() and not args.dry_run:
+        subprocess.run([PY, str(build), "--out", str(data)], check=True)
     end, groups = time.monotonic() + args.deadline, tasks(args.data_dir)
     for group in args.only or list(groups):
         for cmd in groups[group]:

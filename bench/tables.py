@@ -61,6 +61,17 @@ def runs_table(data: list[dict], match: str = "") -> list[str]:
     return out
 
 
+def recipes_table(data: list[dict]) -> list[str]:
+    """Every run of every recipe, and a row for each shipped recipe that has none yet."""
+    out = runs_table(data)
+    measured = {re.split(r"[ ,]", r["subject"])[0] for r in data if r["bench"] == "time_to_accuracy"}
+    for recipe in sorted((ROOT / "configs").glob("*.yaml")):
+        name = f"configs/{recipe.name}"
+        if name not in measured:
+            out.append(f"| {name} | - | 0 | not measured yet | - | - | - |")
+    return out
+
+
 def metric_table(data: list[dict], bench: str, columns: dict[str, tuple[str, int]]) -> list[str]:
     """One row per subject and hardware of ``bench``; ``columns``: metric -> (header, digits)."""
     out = ["| what | hardware (torch) | " + " | ".join(h for h, _ in columns.values()) + " | commit (date) |",
@@ -134,8 +145,8 @@ def mission_lines(data: list[dict]) -> list[str]:
     for (subject, hardware, torch), m in sorted(grouped(data, ("step_overhead",), "resnet_report_4m, batch 256").items()):
         rate = statistics.fmean(m["full_images_per_sec"])
         hours = 45_000 * 40 / rate / 3600
-        took = f"{hours:.1f} hours" if hours >= 1 else f"{hours * 60:.0f} minutes"
-        precision = subject.split(", ")[-1]
+        took = f"{hours:.1f} hours" if hours >= 1 else f"{max(1, round(hours * 60))} min"
+        precision = subject.split(", ")[2].split(" ")[0]  # "fp32" or "bf16", before any note
         out.append(f"- {hardware}: {rate:,.0f} images/s ({precision}), so about {took} for its 40 epochs "
                    f"(from the training step alone; `bench/step_overhead.py`, commit {commits(data, subject, hardware)})")
     return out or ["- not measured yet"]
@@ -145,7 +156,7 @@ TABLES = {
     "quickstart": quickstart_table,
     "mission": mission_lines,
     "train-flags": flags_table,
-    "recipes": lambda d: runs_table(d),
+    "recipes": recipes_table,
     "fast": lambda d: runs_table(d, "fast"),
     "best": lambda d: runs_table(d, "best"),
     "report": lambda d: runs_table(d, "report"),

@@ -231,7 +231,8 @@ def setup_run(cfg: TrainConfig) -> Run:
     run_dir = prepare_run_dir(cfg, accelerator)
 
     n_params = count_parameters(model)
-    model = model.to(accelerator.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    layout = torch.channels_last if cfg.channels_last else torch.preserve_format
+    model = model.to(accelerator.device, memory_format=layout)
     steps_per_epoch, global_batch = len(train_loader), cfg.batch_size * accelerator.num_processes
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))  # a fractional --epochs cuts the last epoch
     techniques = create_techniques(cfg, RunInfo(accelerator, model, train_set.images, steps_per_epoch, total_steps))

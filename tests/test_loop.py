@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 from collections import Counter
 from unittest import mock
 
@@ -19,24 +20,13 @@ from resnet.interrupt import StopRequest
 from resnet.state import SCHEMA, EpochSums, StateError, TrainState
 from resnet.techniques import REGISTRY
 
-READ_BACKS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+sys.path.insert(0, str(ROOT / "bench"))
+from host_ops import counting_read_backs  # noqa: E402  (the bench's counter: the test and the figure agree)
+
 # 300 training images at batch 4: 75 steps an epoch.
 SMALL_STEPS = [*TINY_RUN, "--batch-size", "4", "--wandb", "off", "--no-download"]
 MUON = ["--model", "resnet_airbench_whiten_2m", "--model-kwargs", '{"widths": [8, 16, 16]}', "--opt", "muon",
         "--flip", "alternate", "--lr-unit", "image1024", "--lr", "1.5", "--norm-bias-lr-scale", "64"]
-
-
-def counted_read_backs(counts: Counter):
-    """Patch every Tensor method that copies a value to the host so that it counts its calls."""
-    patches = []
-    for name in READ_BACKS:
-        real = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _real=real, _name=name, **k):
-            counts[_name] += 1
-            return _real(self, *a, **k)
-        patches.append(mock.patch.object(torch.Tensor, name, counted))
-    return patches
 
 
 def _run(cifar_dir, tmp_path, *flags) -> training.Run:
@@ -50,17 +40,10 @@ def test_an_epoch_reads_back_at_most_once_every_20_steps(cifar_dir, tmp_path, fl
     steps = run.steps_per_epoch
     assert steps == 75
     counts = Counter()
-    patches = counted_read_backs(counts)
-    with StopRequest() as stop:
-        for p in patches:
-            p.start()
-        try:
-            run.train_loader.set_epoch(0)
-            outcome = train_epoch(run.parts, run.train_loader, run.schedule, EpochPlan(0, 0, steps, 0), stop,
-                                  run.cfg.check_every, progress=True)
-        finally:
-            for p in patches:
-                p.stop()
+    with StopRequest() as stop, counting_read_backs(counts):
+        run.train_loader.set_epoch(0)
+        outcome = train_epoch(run.parts, run.train_loader, run.schedule, EpochPlan(0, 0, steps, 0), stop,
+                              run.cfg.check_every, progress=True)
     assert outcome.step == steps and outcome.sums.seen == 4 * steps and math.isfinite(outcome.sums.loss_sum)
     assert sum(counts.values()) / steps <= 0.05, counts  # reads at steps 25, 50 and 75: 0.04
     assert counts == Counter(tolist=3)
