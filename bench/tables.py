@@ -123,6 +123,10 @@ QUICKSTART = [
 ]
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" + ("s" if n != 1 else "")
+
+
 def quickstart_table(data: list[dict]) -> list[str]:
     out = ["| hardware | command | val accuracy % | whole launch | measured on |", "| --- | --- | --- | --- | --- |"]
     for label, command, subject, hardware, missing in QUICKSTART:
@@ -133,7 +137,7 @@ def quickstart_table(data: list[dict]) -> list[str]:
             continue
         (subj, hw, torch), m = sorted(groups.items(), key=lambda kv: -len(kv[1]["val_acc"]))[0]
         whole = f"{statistics.fmean(m['process_s']) / 60:.0f} min" if m.get("process_s") else "-"
-        out.append(f"| {label} | `{command}` | {_fmt(m['val_acc'], 2, True)} ({len(m['val_acc'])} runs) | {whole} | "
+        out.append(f"| {label} | `{command}` | {_fmt(m['val_acc'], 2, True)} ({_runs(len(m['val_acc']))}) | {whole} | "
                    f"{hw}, torch {torch} |")
     return out
 
