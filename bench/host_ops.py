@@ -27,8 +27,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RESNET_CPU_BF16", "1")  # bf16 autocast's ops on any CPU: counted, not timed
-os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
 from resnet import optim, training  # noqa: E402
 from resnet.config import TrainConfig, parse_config  # noqa: E402
 from resnet.engine import EpochPlan, train_epoch  # noqa: E402
@@ -154,6 +152,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--record", action="store_true", help="append the figures to results/cpu.csv")
     args = parser.parse_args()
+    # bf16 autocast's ops on any CPU: counted, not timed (set here, not on import: tests import the counter)
+    os.environ.setdefault("RESNET_CPU_BF16", "1")
+    os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
     data = Path(tempfile.mkdtemp()) / "data"
     write_images(data, (READ_STEPS + 5) * args.batch_size)
     # The nets at narrow widths: the same layers, so the same operations, in seconds rather than minutes
