@@ -51,8 +51,9 @@ class RunRecord:
     test_acc: float | None
     train_time_s: float | None
     images_per_sec: float | None
-    epochs_done: int
-    epochs: int | None
+    epochs_done: float  # a cut last epoch counts the share of its steps done
+    epochs: float | None
+    finished: bool  # the run reached its --epochs (summary.json; older runs: from the epochs done)
     curves: dict  # column -> [(epoch, value)], for val_acc and train_loss
 
 
@@ -127,6 +128,9 @@ def load_run(run_dir: Path) -> RunRecord:
     def pick(key: str, derived: Any) -> Any:
         return summary[key] if summary.get(key) is not None else derived
 
+    epochs_done = float(pick("epochs_done", max((int(float(r["epoch"])) for r in rows), default=0)))
+    epochs = pick("epochs", config.get("epochs"))
+
     return RunRecord(
         path=run_dir, config=config, group=run_group(config), name=run_name(config),
         params=pick("params", None) or weights_param_count(run_dir),
@@ -135,8 +139,9 @@ def load_run(run_dir: Path) -> RunRecord:
         test_acc=test,
         train_time_s=pick("train_time_s", elapsed[-1] if elapsed else None),
         images_per_sec=pick("images_per_sec", statistics.fmean(times) if times else None),
-        epochs_done=int(pick("epochs_done", max((int(float(r["epoch"])) for r in rows), default=0))),
-        epochs=pick("epochs", config.get("epochs")),
+        epochs_done=epochs_done,
+        epochs=epochs,
+        finished=bool(pick("finished", epochs is None or epochs_done >= epochs)),
         curves=curves,
     )
 
@@ -205,6 +210,7 @@ def summarise(runs: Sequence[RunRecord]) -> tuple[list[dict], list[str]]:
             "images_per_sec_mean": _mean([r.images_per_sec for r in members]),
             "epochs": epochs,
             "epochs_done_min": min(r.epochs_done for r in members),
+            "finished": all(r.finished for r in members),
             "seeds": " ".join(str(r.config.get("seed", "")) for r in members),
             "runs": " ".join(str(r.path) for r in members),
             "label": group_label(group, settings, keys, len(members), _mean(accs), statistics.stdev(accs) if len(accs) > 1 else None),
@@ -236,8 +242,8 @@ def table_cells(row: dict, keys: list[str]) -> dict[str, str]:
     if row["test_acc_mean"] is not None:
         test = f"{row['test_acc_mean']:.4f}" + ("" if row["test_acc_n"] == row["n"] else f" ({row['test_acc_n']}/{row['n']})")
     epochs = show(row["epochs"])
-    if row["epochs"] is not None and row["epochs_done_min"] < row["epochs"]:
-        epochs = f"{row['epochs_done_min']}/{row['epochs']} (unfinished)"
+    if not row["finished"]:
+        epochs = f"{row['epochs_done_min']:.3g}/{show(row['epochs'])} (unfinished)"
     cells = {"group": row["group"], "model": show(row["model"]),
              "params": "" if row["params"] is None else f"{row['params']:,}",
              "activation": show(row["activation"]), "optimizer": show(row["opt"])}

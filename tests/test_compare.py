@@ -141,6 +141,18 @@ def test_metrics_csv_is_enough_without_summary(tmp_path, capsys):
     assert (row["best val acc"], row["epoch"], row["test acc"], row["params"]) == ("0.7000 ± –", "4.0", "0.5600", "")
 
 
+def test_a_fractional_epochs_run_is_finished_when_its_summary_says_so(tmp_path, capsys):
+    # --epochs 7.2 at 7 steps an epoch trains 50 steps: 7.14 epochs done, the run complete.
+    for name, done, finished in (("done", 50 / 7, True), ("cut", 3.0, False)):
+        run = make_run(tmp_path / name, val_accs=[0.5, 0.6, 0.7], seed=int(finished), lr=0.1 if finished else 0.2)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "epochs": 7.2, "epochs_done": done,
+                                                      "finished": finished}))
+    assert compare.main([str(tmp_path)]) == 0
+    epochs = {row["lr"]: row["epochs"] for row in table_rows(capsys.readouterr().out)}
+    assert epochs == {"0.1": "7.2", "0.2": "3/7.2 (unfinished)"}
+
+
 def test_param_count_falls_back_to_checkpoint_metadata(tmp_path):
     from safetensors.numpy import save_file
 
