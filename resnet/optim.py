@@ -131,15 +131,6 @@ class FilterStack:
         self.stack.copy_(orthogonalise(self.stack, steps, dtype))
 
 
-def batched_newton_schulz(updates: list[torch.Tensor], steps: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Each (out, in, kh, kw) update orthogonalised as its (out, in*kh*kw) matrix, all in one batched chain
-    (``FilterStack``); the results in the updates' shapes (float32)."""
-    filters = FilterStack([u.float() for u in updates])
-    torch._foreach_copy_(filters.views, updates)
-    filters.orthogonalise(steps, dtype)
-    return [v.clone() for v in filters.views]
-
-
 class MuonSGD(torch.optim.Optimizer):
     """airbench94_muon's optimizer as one torch optimizer: Muon on the groups marked ``muon``, Nesterov
     SGD (PyTorch's update rule, coupled weight decay) on the others.

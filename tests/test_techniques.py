@@ -22,8 +22,8 @@ from resnet.data import MEAN, STD
 from resnet.interrupt import Stopped
 from resnet.loader import DeviceLoader, ImageDataset
 from resnet.models import WhiteningConv, count_parameters, create_model, parse_head_scale
-from resnet.optim import (LookaheadEMA, MuonSGD, batched_newton_schulz, create_optimizer, create_scheduler,
-                          param_groups, per_1024_images)
+from resnet.optim import (FilterStack, LookaheadEMA, MuonSGD, create_optimizer, create_scheduler, param_groups,
+                          per_1024_images)
 
 
 def cifar_like(n: int, seed: int = 0) -> torch.Tensor:
@@ -374,7 +374,10 @@ def test_batched_newton_schulz_matches_one_chain_per_filter(dtype, atol):
     torch.manual_seed(0)
     shapes = [(64, 24, 3, 3), (64, 64, 3, 3), (32, 16, 3, 3), (256, 8, 1, 1), (64, 64, 3, 3)]
     updates = [torch.randn(s) for s in shapes]
-    batched = batched_newton_schulz(updates, 3, dtype)
+    filters = FilterStack(updates)  # as MuonSGD uses it: write through the views, one chain, read back
+    torch._foreach_copy_(filters.views, updates)
+    filters.orthogonalise(3, dtype)
+    batched = filters.views
     for u, b in zip(updates, batched):
         one = zeropower_via_newtonschulz(u.reshape(len(u), -1), 3, [(3.4445, -4.7750, 2.0315)], dtype=dtype)
         assert b.shape == u.shape
