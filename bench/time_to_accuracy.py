@@ -48,13 +48,13 @@ def main() -> None:
     train_s, first = 0.0, {}
     for r in rows:
         train_s += float(r["epoch_time"])
-        acc = float(r["val_acc"]) if r.get("val_acc") else None
+        acc = float(final_acc(r)) if final_acc(r) else None
         print(f"{r['epoch']:>5} {train_s:>9.1f} {float(r['elapsed']):>14.1f} {float(r['images_per_sec']):>7.0f} "
               f"{'' if acc is None else f'{acc:.4f}':>8}")
         for t in THRESHOLDS:
             if acc is not None and acc >= t and t not in first:
                 first[t] = (train_s, float(r["elapsed"]), r["epoch"])
-    print(f"\nwhole accelerate launch: {wall:.1f} s; final val acc {rows[-1].get('val_acc')}")
+    print(f"\nwhole accelerate launch: {wall:.1f} s; final val acc {final_acc(rows[-1])}")
     if args.record:
         record_run(args, rows, train_s, wall)
     if not any(r.get("val_acc") for r in rows):
@@ -68,6 +68,11 @@ def main() -> None:
             print(f"{t:.0%} not reached")
 
 
+def final_acc(row: dict) -> str | None:
+    """An epoch's validation accuracy with the recipe's TTA where it was measured (the last epoch), else without."""
+    return row.get("val_acc_tta") or row.get("val_acc")
+
+
 def record_run(args, rows: list[dict], train_s: float, wall: float) -> None:
     """The run's final val accuracy, training and whole-launch seconds and images/s as rows of results/."""
     summary = json.loads((Path(args.run_dir_used) / "summary.json").read_text())
@@ -77,7 +82,7 @@ def record_run(args, rows: list[dict], train_s: float, wall: float) -> None:
         f" ({summary['precision']}, {Path(args.accelerate_config).name})"
     command = f"python bench/time_to_accuracy.py --recipe {args.recipe} --accelerate-config " \
               f"{args.accelerate_config}" + (f" -- {' '.join(extra)}" if extra else "")
-    for metric, value in (("val_acc", rows[-1].get("val_acc")), ("train_s", train_s), ("process_s", wall),
+    for metric, value in (("val_acc", final_acc(rows[-1])), ("train_s", train_s), ("process_s", wall),
                           ("images_per_sec", summary.get("images_per_sec"))):
         if value not in (None, ""):
             record("time_to_accuracy", subject, metric, float(value), command, seed=seed)

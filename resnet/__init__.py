@@ -8,6 +8,6 @@ readers load when their modules are imported (``resnet.training``, ``resnet.data
 """
 from .models import count_parameters, create_model, list_models, register_model
 
-__version__ = "0.4.0"  # pyproject.toml reads the package version from here
+__version__ = "0.5.0"  # pyproject.toml reads the package version from here
 
 __all__ = ["create_model", "list_models", "register_model", "count_parameters", "__version__"]

@@ -7,7 +7,7 @@ Layout of ``runs/<name>/``::
     best.safetensors     weights with the best validation accuracy
     last.safetensors     weights after the latest epoch
     summary.json         what compare/grid read: finished, best val acc and epoch, params, times
-    state/               accelerator.save_state + trainer.json (epoch, step in epoch, best), for --resume
+    state/               what --resume needs (state_folder.py)
 
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written
 checkpoint behind.
@@ -15,22 +15,22 @@ checkpoint behind.
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import reprlib
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                     register_module_parameter_registration_hook)
 
 from .atomic import atomic_path, atomic_write_text
 from .models import create_model
 
 META_KEY = "resnet"
-STATE_DIR = "state"
-TRAINER_FILE = "trainer.json"
 SUMMARY_FILE = "summary.json"
 
 
@@ -41,8 +41,7 @@ class CheckpointError(ValueError):
 def save_weights(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write ``model``'s state dict and ``meta`` (JSON-able) to a .safetensors file, atomically.
 
-    ``trained_at`` (UTC, ISO 8601) is added: "the newest run" means the one trained last, which file
-    times cannot tell once evaluate.py has written into an older run.
+    ``trained_at`` (UTC, ISO 8601) is added, for people to read; ``newest_run`` never trusts it.
     """
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {**meta, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -54,33 +53,53 @@ def read_meta(file: Path) -> dict:
     """The suite's metadata of a .safetensors file (header only, no tensors read)."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            return json.loads((f.metadata() or {})[META_KEY])
+            meta = json.loads((f.metadata() or {})[META_KEY])
     except KeyError:
         raise CheckpointError(f"{file}: no '{META_KEY}' metadata; not a checkpoint written by this suite") from None
     except Exception as e:
         raise CheckpointError(f"{file}: not a readable .safetensors checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file}: '{META_KEY}' metadata is {type(meta).__name__}, not a JSON object; "
+                              "not a checkpoint written by this suite")
+    return meta
+
+
+WEIGHT_FILES = ("best.safetensors", "last.safetensors")  # a run folder's, in the order --checkpoint RUN picks
 
 
 def newest_run(runs_root: str | Path = "runs") -> Path:
-    """The run folder under ``runs_root`` whose weights were trained last (by their metadata)."""
-    trained = []
+    """The run folder under ``runs_root`` whose weights were written last, by the files' times.
+
+    Never by the ``trained_at`` a file declares: a downloaded run could claim any date. evaluate.py writes
+    other files into a run, never its weights, so their time is when they were trained or placed here.
+    """
+    written = []
     for run in Path(runs_root).glob("*/"):
-        file = next((run / n for n in ("last.safetensors", "best.safetensors") if (run / n).is_file()), None)
-        if file is not None:
-            try:
-                trained.append((read_meta(file).get("trained_at", ""), run))
-            except CheckpointError:
-                continue  # not ours, or damaged: never "the newest run"
-    if not trained:
+        files = [run / n for n in WEIGHT_FILES if (run / n).is_file()]
+        if not files:
+            continue
+        try:
+            read_meta(resolve_checkpoint(run))  # the file a default --checkpoint would load
+        except CheckpointError:
+            continue  # not ours, or damaged: never "the newest run"
+        written.append((max(_written_at(f) for f in files), run))
+    if not written:
         raise CheckpointError(f"no trained run found in {runs_root}/; pass --checkpoint RUN_DIR or FILE.safetensors")
-    return max(trained)[1]
+    return max(written)[1]
+
+
+def _written_at(file: Path) -> int:
+    """mtime, but never later than the inode's last change: unpacking an archive may set any mtime (a far
+    future one would win for ever), while the kernel sets ctime to the time of unpacking."""
+    st = file.stat()
+    return min(st.st_mtime_ns, st.st_ctime_ns)
 
 
 def resolve_checkpoint(path: str | Path | None, runs_root: str | Path = "runs") -> Path:
     """A .safetensors file as given; a run folder -> its best (else last) weights; None -> newest run."""
     path = Path(path) if path is not None else newest_run(runs_root)
     if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
+        for name in WEIGHT_FILES:
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f"{path}: run folder holds no best.safetensors or last.safetensors")
@@ -90,17 +109,96 @@ def resolve_checkpoint(path: str | Path | None, runs_root: str | Path = "runs") 
 
 
 def load_checkpoint(path: str | Path | None, runs_root: str | Path = "runs") -> tuple[nn.Module, dict, Path]:
-    """Rebuild the model stored at ``path`` (see resolve_checkpoint); returns (model in eval mode, meta, file)."""
+    """Rebuild the model stored at ``path`` (see resolve_checkpoint); returns (model in eval mode, meta, file).
+
+    The metadata is a claim of the file's: the net it declares is built on the meta device first (shapes, no
+    memory) and checked against the tensors the file holds, so no file makes us allocate more than it holds.
+    """
     file = resolve_checkpoint(path, runs_root)
     meta = read_meta(file)
     try:
         with safe_open(str(file), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # header only
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable .safetensors checkpoint ({type(e).__name__}: {e})") from None
+    check_meta(file, meta, shapes)
+    try:
         model = create_model(meta["model"], **meta["model_kwargs"])
+        with safe_open(str(file), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{file}: cannot rebuild the model it holds ({type(e).__name__}: {e})") from None
     load_weights(model, state, file)
     return model.eval(), meta, file
+
+
+class _TooManyTensors(Exception):
+    """Raised from a registration hook to stop building a declared net far larger than its file."""
+
+
+def _meta_model(file: Path, name: str, kwargs: dict, n_tensors: int) -> nn.Module:
+    """The declared net on the meta device; stopped once it registers far more tensors than the file holds
+    (a million declared blocks cost no tensor memory there, but Python objects and minutes)."""
+    # Slack, so that a net merely other than the file's gets the exact mismatch from check_meta.
+    limit, count = 4 * n_tensors + 1024, 0
+
+    def counted(module: nn.Module, key: str, tensor: torch.Tensor | None) -> None:
+        nonlocal count
+        count += tensor is not None
+        if count > limit:
+            raise _TooManyTensors
+
+    hooks = [register_module_parameter_registration_hook(counted), register_module_buffer_registration_hook(counted)]
+    try:
+        with torch.device("meta"):
+            return create_model(name, **kwargs)
+    except _TooManyTensors:
+        raise CheckpointError(f"{file}: its metadata declares a {name} of more than {limit} tensors, but the file "
+                              f"holds {n_tensors}; the metadata does not describe these weights") from None
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot rebuild the model it holds ({type(e).__name__}: {e})") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def check_meta(file: Path, meta: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse (one line naming ``file`` and the first mismatch) metadata that does not describe the tensors
+    ``shapes`` (name -> shape, from the file's header) or lacks what evaluate.py and predict.py use."""
+    name, kwargs = meta.get("model"), meta.get("model_kwargs")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise CheckpointError(f"{file}: metadata needs 'model' (a name) and 'model_kwargs' (a mapping), got "
+                              f"{type(name).__name__} and {type(kwargs).__name__}")
+    skeleton = _meta_model(file, name, kwargs, len(shapes))
+    wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    mismatches = [f"missing {k}" if k not in shapes else
+                  f"size mismatch for {k}: {list(shapes[k])} in the file, {list(shape)} in the model"
+                  for k, shape in wanted.items() if shapes.get(k) != shape]
+    mismatches += [f"unexpected {k}" for k in shapes if k not in wanted]
+    if mismatches:
+        more = f", and {len(mismatches) - 1} more" if len(mismatches) > 1 else ""
+        raise CheckpointError(f"{file}: weights do not fit the model its metadata declares ({name}: "
+                              f"{mismatches[0]}{more}); was it trained with another --model or --model-kwargs?")
+    try:
+        outputs = skeleton.eval()(torch.empty(1, 3, 32, 32, device="meta")).shape[-1]
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot rebuild the model it holds ({type(e).__name__}: {e})") from None
+    classes = meta.get("classes")
+    if not (isinstance(classes, list) and len(classes) == outputs and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{file}: metadata 'classes' must be a list of {outputs} names (the net's outputs), "
+                              f"got {reprlib.repr(classes)}")
+    for key in ("mean", "std"):
+        value = meta.get(key)
+        if not (isinstance(value, list) and len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise CheckpointError(f"{file}: metadata '{key}' must be 3 numbers (per RGB channel), "
+                                  f"got {reprlib.repr(value)}")
+    for key, top in (("tta", 2), ("val_split", None), ("split_seed", None), ("seed", None)):
+        value = meta.get(key, 0)
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not (whole and value >= 0 and (top is None or value <= top)):
+            raise CheckpointError(f"{file}: metadata '{key}' must be a whole number from 0"
+                                  f"{f' to {top}' if top else ''}, got {reprlib.repr(value)}")
 
 
 def load_weights(model: nn.Module, state: dict, source: Path) -> None:
@@ -122,100 +220,3 @@ def load_weights(model: nn.Module, state: dict, source: Path) -> None:
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """``summary.json``: the run at a glance (finished, best val acc, params, times) for compare and grid."""
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
-
-
-STATE_CANDIDATES = (STATE_DIR, STATE_DIR + ".tmp", STATE_DIR + ".old")
-
-
-def _saved_trainer(folder: Path) -> dict | None:
-    """trainer.json of a complete state folder (it is written last, after every rank's files), else None."""
-    try:
-        return json.loads((folder / TRAINER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def newest_complete_state(run_dir: str | Path) -> Path | None:
-    """The newest complete one of state/, state.tmp/ and state.old/, whatever a crash left behind.
-
-    A save writes state.tmp/ (trainer.json last), renames state/ to state.old/, state.tmp/ to state/, then
-    deletes state.old/; a kill at any point leaves at least one complete folder. trainer.json's ``saves``
-    counter orders them (older runs have none: then state/ wins over state.tmp/ over state.old/).
-    """
-    best, best_key = None, None
-    for rank, name in enumerate(STATE_CANDIDATES):
-        trainer = _saved_trainer(Path(run_dir) / name)
-        if trainer is None:
-            continue
-        key = (int(trainer.get("saves", 0)), -rank)
-        if best_key is None or key > best_key:
-            best, best_key = Path(run_dir) / name, key
-    return best
-
-
-def recover_state(run_dir: Path) -> None:
-    """Leave exactly one state folder, state/, holding the newest complete state (main process only).
-
-    Runs before every save and resume, so that no leftover of a cut save (state.old/, a half-written
-    state.tmp/) can make a later save fail or make a resume pick an older state.
-    """
-    best = newest_complete_state(run_dir)
-    final = run_dir / STATE_DIR
-    if best is not None and best != final:
-        # Delete state/ (older or incomplete) first: until the rename, ``best`` is still complete.
-        _discard(final)
-        os.replace(best, final)
-    for name in STATE_CANDIDATES[1:]:
-        _discard(run_dir / name)
-
-
-def _discard(folder: Path) -> None:
-    """Delete a state folder, its trainer.json first: a deletion cut short never looks complete."""
-    (folder / TRAINER_FILE).unlink(missing_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def save_state(accelerator, run_dir: Path, trainer: dict[str, Any]) -> None:
-    """Save everything needed to resume (model, optimizer, EMA, RNG + trainer.json), replacing the old state.
-
-    A kill at any moment loses at most this save: see ``newest_complete_state``.
-    """
-    final, tmp, old = (run_dir / name for name in STATE_CANDIDATES)
-    if accelerator.is_main_process:
-        recover_state(run_dir)
-        trainer["saves"] = int((_saved_trainer(final) or {}).get("saves", 0)) + 1
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_text(tmp / TRAINER_FILE, json.dumps(trainer, indent=2))  # the mark of a complete folder
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _discard(old)
-    accelerator.wait_for_everyone()
-
-
-def state_dir_for_resume(run_dir: str | Path) -> Path:
-    """The newest complete state folder of a run (see ``newest_complete_state``)."""
-    state = newest_complete_state(run_dir)
-    if state is None:
-        raise CheckpointError(f"{run_dir}: nothing to resume (no {STATE_DIR}/{TRAINER_FILE}); was the run started?")
-    return state
-
-
-def load_state(accelerator, run_dir: str | Path) -> dict[str, Any]:
-    """Restore the accelerator state of a run; returns its trainer.json."""
-    if accelerator.is_main_process:
-        recover_state(Path(run_dir))
-    accelerator.wait_for_everyone()
-    state = state_dir_for_resume(run_dir)
-    try:
-        accelerator.load_state(str(state))
-        return json.loads((state / TRAINER_FILE).read_text())
-    except Exception as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        # torch says "Error(s) in loading state_dict for ResNet:", then the mismatches: keep the first of them
-        first = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])
-        raise CheckpointError(f"{state}: cannot resume from this state ({type(e).__name__}: {first[:300]}); "
-                              f"was the run trained with another --model, --model-kwargs or optimizer?") from None

@@ -131,10 +131,12 @@ TrainConfig = _train_config()
 
 @dataclass
 class EvalConfig:
-    checkpoint: str | None = knob(None, "run folder or .safetensors file (default: the most recently trained run in runs/)")
+    checkpoint: str | None = knob(None, "run folder or .safetensors file (default: the run in runs/ whose weights "
+                                        "were written last)")
     split: str = knob("test", "which CIFAR-10 split to score", choices=["test", "val"])
     data: str | None = knob(None, "custom labeled pickle (dict with data, labels) instead of CIFAR-10")
-    data_dir: str = knob("~/.cache/cifar10", "folder holding cifar-10-batches-py/")
+    data_dir: str | None = knob(None, "folder holding cifar-10-batches-py/ for --split test|val (default: the run's "
+                                      "own --data-dir, from its config.yaml; else ~/.cache/cifar10)")
     download: bool = knob(True, "download the official archive when the data is missing")
     val_split: int | None = knob(None, "validation size used for --split val (default: the run's own)")
     batch_size: int = knob(500, "images per forward pass")

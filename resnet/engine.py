@@ -89,7 +89,6 @@ class EpochOutcome:
     stopped: bool = False  # a stop request ended it early
     nonfinite: tuple[int, int] | None = None  # the steps between which the loss became nan/inf
     first_step_time: float = 0.0  # seconds of the first update, one-off costs (compiling) included
-    lr: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -142,7 +141,6 @@ def train_epoch(parts: StepParts, loader, schedule, plan: EpochPlan, stop: StopR
     if outcome.complete and step >= plan.steps:
         parts.techniques.end_of_epoch()
     outcome.sums.elapsed = time.perf_counter() - start + carry.elapsed
-    outcome.lr = parts.optimizer.param_groups[0]["lr"]
     return outcome
 
 

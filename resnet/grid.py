@@ -31,7 +31,7 @@ from typing import Sequence
 
 import yaml
 
-from .checkpoint import newest_complete_state
+from .state_folder import newest_complete_state
 from .config import TrainConfig, build_parser
 
 # Located from this file, not from `resnet.__file__`: the package has no __init__.py (namespace package).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -12,13 +13,16 @@ import yaml
 
 from .atomic import atomic_path, atomic_write_text
 from .checkpoint import load_checkpoint
-from .config import ConfigError, EvalConfig, PredictConfig
+from .config import ConfigError, EvalConfig, PredictConfig, TrainConfig
 from .data import DataError, cifar10_splits, load_cifar10, load_custom_pickle
 from .distributed import create_accelerator
 from .engine import confusion_matrix, evaluate, predict
 from .loader import eval_loader
 from .tracking import (confusion_figure, per_class_accuracy, print_sync_hint, resolve_wandb_mode, wandb_class_report,
                        wandb_run_id)
+
+# Where a run that never named --data-dir read CIFAR-10 from.
+TRAIN_DATA_DIR: str = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "data_dir")
 
 
 def _prepare(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray | None, batch_size: int):
@@ -28,20 +32,53 @@ def _prepare(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray | No
     return accelerator, model, accelerator.prepare(eval_loader(images, labels, batch_size))
 
 
-def _labeled_data(cfg: EvalConfig, meta: dict) -> tuple[np.ndarray, np.ndarray, str]:
+def run_config(run_dir: Path) -> dict:
+    """The run folder's config.yaml as a dict ({} when there is none); data only, never code (safe_load)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read this run's config ({type(e).__name__}: {e})") from None
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, found {type(config).__name__}")
+    return config or {}
+
+
+def eval_data_dir(cfg: EvalConfig, run_dir: Path) -> tuple[str, str]:
+    """(CIFAR-10 folder, where that came from): --data-dir, else the run's own, else train.py's default."""
+    if cfg.data_dir is not None:
+        return cfg.data_dir, "--data-dir"
+    saved = run_config(run_dir).get("data_dir")
+    if saved is None:
+        return TRAIN_DATA_DIR, "the default"
+    if not isinstance(saved, str) or not saved:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: data_dir must be a folder name, got {saved!r}; "
+                          "pass --data-dir")
+    return saved, f"the run's own --data-dir, from {run_dir / 'config.yaml'}"
+
+
+def _labeled_data(cfg: EvalConfig, meta: dict, run_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """(images, labels, name) for --data, --split test or --split val."""
     if cfg.data:
         custom = load_custom_pickle(cfg.data, need_ids=False, need_labels=True)
         return custom.images, custom.labels, Path(cfg.data).stem
-    if cfg.split == "test":
-        test = load_cifar10(cfg.data_dir, train=False, download=cfg.download)
-        return test.images, test.labels, "test"
     val_split = cfg.val_split if cfg.val_split is not None else meta.get("val_split", 0)
-    if not val_split:
+    if cfg.split == "val" and not val_split:
         raise DataError("this run was trained without a validation split; pass --val-split N or use --split test")
-    # The run's own split seed reproduces the exact images it held out.
-    _, val = cifar10_splits(cfg.data_dir, val_split, meta.get("split_seed", meta.get("seed", 0)), cfg.download)
-    return val.images, val.labels, "val"
+    root, source = eval_data_dir(cfg, run_dir)
+    try:
+        if cfg.split == "test":
+            test = load_cifar10(root, train=False, download=cfg.download)
+            return test.images, test.labels, "test"
+        # The run's own split seed reproduces the exact images it held out.
+        _, val = cifar10_splits(root, val_split, meta.get("split_seed", meta.get("seed", 0)), cfg.download)
+        return val.images, val.labels, "val"
+    except DataError as e:
+        if source == "--data-dir":
+            raise
+        raise DataError(f"{e}; that folder is {source} (--data-dir to use another)") from None
 
 
 def check_output_folder(out: Path, flag: str = "--out") -> None:
@@ -81,7 +118,7 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     if cfg.out:
         check_output_folder(Path(cfg.out))
     model, meta, file = load_checkpoint(cfg.checkpoint)
-    images, labels, name = _labeled_data(cfg, meta)
+    images, labels, name = _labeled_data(cfg, meta, file.parent)
     accelerator, model, loader = _prepare(model, images, labels, cfg.batch_size)
     tta = tta_level(cfg.tta, meta, accelerator)
     result = evaluate(model, loader, accelerator, meta["mean"], meta["std"], tta=tta, channels_last=True,
@@ -113,8 +150,7 @@ def log_to_training_run(requested_mode: str, run_dir: Path, report: dict, matrix
         return
     import wandb
 
-    project = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("wandb_project", "cifar10-resnet") \
-        if (run_dir / "config.yaml").is_file() else "cifar10-resnet"
+    project = run_config(run_dir).get("wandb_project", "cifar10-resnet")
     # Under eval/: the training run's own val/acc (its validation during training) must stay as it was.
     prefix = f"eval/{report['data']}"
     run = wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir), mode=mode)

@@ -29,7 +29,9 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        # The first signal names the stop: a launcher that dies on Ctrl-C sends SIGTERM after it (launch.py).
+        if self.signum is None:
+            self.signum = signum
 
     def __enter__(self) -> "StopRequest":
         for s in self.SIGNALS:
@@ -39,6 +41,10 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def request(self, signum: int) -> None:
+        """Ask for a stop as if ``signum`` had arrived (for a signal that was due but cannot come)."""
+        self.signum = signum
 
     @property
     def requested(self) -> bool:

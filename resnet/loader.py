@@ -113,6 +113,9 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self.images) // (self.batch_size * self.world_size)
 
+    def close(self) -> None:
+        """Nothing to release (WorkerLoader's counterpart shuts its workers down)."""
+
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """The next pass yields batches ``skip``.. of ``epoch`` (skip > 0 resumes mid-epoch)."""
         _check_skip(skip, len(self))
@@ -305,6 +308,7 @@ class WorkerLoader:
         batch_size: int,
         device: torch.device,
         transform: Callable,
+        *,
         workers: int = 0,
         seed: int = 0,
         rank: int = 0,
@@ -335,6 +339,15 @@ class WorkerLoader:
         self.sampler.skip = 0  # a skip applies to one pass
         return self._to_device(batches)
 
+    def close(self) -> None:
+        """Shut the persistent workers down now. Left to the interpreter's exit, they can outlive it: torch
+        skips their shutdown once its exit flag is set, and multiprocessing ends daemonic workers with
+        SIGTERM, which ours ignore (``_leave_stop_signals_to_the_main_process``): the process then hangs."""
+        iterator = self.loader._iterator  # private: where DataLoader keeps its persistent workers' iterator
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self.loader._iterator = None
+
     def _to_device(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in batches:
             # Pinned on CUDA, so the copy overlaps with the previous step.
@@ -343,7 +356,7 @@ class WorkerLoader:
 
 
 def worker_loader(accelerator, images: np.ndarray, labels: np.ndarray, batch_size: int, transform: Callable,
-                  workers: int, seed: int, channels_last: bool, alternate_flip: bool = False) -> WorkerLoader:
-    """``WorkerLoader`` on the accelerator's device, sharded over its processes."""
-    return WorkerLoader(images, labels, batch_size, accelerator.device, transform, workers, seed,
-                        accelerator.process_index, accelerator.num_processes, channels_last, alternate_flip)
+                  **options) -> WorkerLoader:
+    """``WorkerLoader`` on the accelerator's device, sharded over its processes; ``options`` as WorkerLoader's."""
+    return WorkerLoader(images, labels, batch_size, accelerator.device, transform, rank=accelerator.process_index,
+                        world_size=accelerator.num_processes, **options)

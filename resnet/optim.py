@@ -40,25 +40,22 @@ def _whitening_biases(model: nn.Module) -> set[int]:
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None, norm_bias_lr_scale: float = 1.0,
-                 whiten_bias_steps: int | None = None, muon_lr: float | None = None) -> list[dict]:
+                 whiten_bias_steps: int | None = None) -> list[dict]:
     """Decay conv/linear weights only: decaying BN scales and biases hurts accuracy and buys nothing.
 
     The first two groups are always (decayed weights, the rest). Further groups appear when asked for:
     norm biases at lr x ``norm_bias_lr_scale`` (airbench: 64; it freezes the BN scales, so the biases
     are all that trains there); the whitening stem's bias, trained for ``whiten_bias_steps`` updates
-    (``train_steps``, read by ``StepSchedule``); with ``muon_lr``, every trainable 4-D conv filter bank
-    in a group marked ``muon`` (the frozen whitening filters are not trainable, so never in it).
+    (``train_steps``, read by ``StepSchedule``). ``muon_groups`` splits Muon's filters off the first.
     Frozen parameters (``requires_grad`` False) are in no group.
     """
     norm_biases, whiten_biases = _norm_biases(model), _whitening_biases(model)
     base = {} if lr is None else {"lr": lr}
-    decay, plain, norm, whiten, filters = [], [], [], [], []
+    decay, plain, norm, whiten = [], [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if muon_lr is not None and p.ndim == 4:
-            filters.append(p)
-        elif id(p) in whiten_biases and whiten_bias_steps is not None:
+        if id(p) in whiten_biases and whiten_bias_steps is not None:
             whiten.append(p)
         elif id(p) in norm_biases and norm_bias_lr_scale != 1.0:
             norm.append(p)
@@ -71,9 +68,28 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         groups.append({"params": norm, "weight_decay": 0.0, "lr": lr * norm_bias_lr_scale})
     if whiten:
         groups.append({"params": whiten, "weight_decay": 0.0, **base, "train_steps": whiten_bias_steps})
-    if filters:
-        groups.append({"params": filters, "weight_decay": 0.0, "lr": muon_lr, "muon": True})
     return groups
+
+
+def _input_conv_weights(model: nn.Module, image_channels: int = 3) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == image_channels}
+
+
+def muon_groups(model: nn.Module, groups: list[dict], muon_lr: float) -> list[dict]:
+    """``groups`` (``param_groups``'s) with every hidden conv filter bank moved from the decayed weights
+    into a last group marked ``muon``, at ``muon_lr``.
+
+    Hidden layers only, as Muon's authors and airbench94_muon have it: the head (2-D) and a trainable conv
+    reading the image (3 input channels; the frozen whitening filters are in no group) stay with SGD.
+    """
+    inputs = _input_conv_weights(model)
+    decay, *rest = groups
+    filters = [p for p in decay["params"] if p.ndim == 4 and id(p) not in inputs]
+    if not filters:
+        return groups
+    hidden = set(map(id, filters))
+    kept = {**decay, "params": [p for p in decay["params"] if id(p) not in hidden]}
+    return [kept, *rest, {"params": filters, "weight_decay": 0.0, "lr": muon_lr, "muon": True}]
 
 
 # Keller Jordan's quintic Newton-Schulz coefficients (timm's "original"; airbench94_muon's).
@@ -200,9 +216,11 @@ class MuonSGD(torch.optim.Optimizer):
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                      norm_bias_lr_scale: float = 1.0, whiten_bias_steps: int | None = None,
                      muon_lr: float = 0.24, muon_momentum: float = 0.6) -> torch.optim.Optimizer:
-    """The named optimizer over ``param_groups(model, ...)``; ``muon_lr`` / ``muon_momentum`` only for 'muon'."""
-    groups = param_groups(model, weight_decay, lr, norm_bias_lr_scale, whiten_bias_steps,
-                          muon_lr if name == "muon" else None)
+    """The named optimizer over ``param_groups(model, ...)``; ``muon_lr`` / ``muon_momentum`` only for 'muon'
+    (``muon_groups``)."""
+    groups = param_groups(model, weight_decay, lr, norm_bias_lr_scale, whiten_bias_steps)
+    if name == "muon":
+        groups = muon_groups(model, groups, muon_lr)
     # One fused kernel per update on CUDA; foreach ops elsewhere: a handful of ops, not a few per tensor.
     cuda = next(model.parameters()).is_cuda
     kind = {"fused": True} if cuda else {"foreach": True}
@@ -256,10 +274,14 @@ class StepSchedule:
             return 1 + (self.floor - 1) * t / span
         return self.floor + 0.5 * (1 - self.floor) * (1 + math.cos(math.pi * t / span))
 
+    def lr_at(self, step: int, group: int = 0) -> float:
+        """The lr of ``group``'s update number ``step`` (0-based)."""
+        stop = self.stops[group]
+        return 0.0 if stop is not None and step >= stop else self.base[group] * self.factor(step)
+
     def step_update(self, step: int) -> None:
-        f = self.factor(step)
-        for group, base, stop in zip(self.optimizer.param_groups, self.base, self.stops):
-            group["lr"] = 0.0 if stop is not None and step >= stop else base * f
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.lr_at(step, i)
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_lr_ratio: float,

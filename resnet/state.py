@@ -1,6 +1,6 @@
 """The run's state between steps: a typed object of host numbers, saved as state/trainer.json.
 
-Everything else a resume needs (weights, optimizer, EMA, RNGs) goes through ``accelerator.save_state``;
+Everything else a resume needs (weights, optimizer, EMA, RNGs) is saved beside it (state_folder.py);
 this holds where the run is (updates done, the epoch and the step in it, the epoch's sums so far) and
 what it has found (the best validation accuracy and its epoch). Only host numbers, updated from host
 counters: reading it never waits for the device.
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA = 2  # trainer.json written before the schema field (free-form dicts) reads as 1
+SCHEMA = 3  # trainer.json written before the schema field (free-form dicts) reads as 1
 
 
 class StateError(ValueError):
@@ -29,8 +29,7 @@ class EpochSums:
     elapsed: float = 0.0  # seconds of training
 
     def __add__(self, other: "EpochSums") -> "EpochSums":
-        return EpochSums(self.loss_sum + other.loss_sum, self.correct + other.correct, self.seen + other.seen,
-                         self.elapsed + other.elapsed)
+        return EpochSums(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
 @dataclass
@@ -43,7 +42,10 @@ class TrainState:
     best_epoch: int | None = None
     train_time_s: float = 0.0  # seconds of training (not start-up, validation or saving), over all launches
     started_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    saves: int = 0  # how many times the state was saved: orders what a cut save leaves (checkpoint.py)
+    saves: int = 0  # how many times the state was saved: orders what a cut save leaves (state_folder.py)
+    processes: int = 0  # processes of the launch that saved it (0: not recorded)
+    precision: str = ""  # fp32, bf16 or fp16 of that launch
+    changes: list = field(default_factory=list)  # {"epoch", "flag", "from", "to"}: what a resume changed, and when
     schema: int = SCHEMA
 
     def epochs_done(self, steps_per_epoch: int) -> float:

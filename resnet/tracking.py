@@ -59,9 +59,10 @@ def resolve_wandb_mode(requested: str) -> str:
 
 WANDB_ID_FILE = "wandb_run_id"
 # metrics.csv column -> namespaced W&B key (one wandb.log per epoch, x-axis "epoch").
+# lr: the lr of the epoch's first update (the decayed weights' group).
 WANDB_KEYS = {"epoch": "epoch", "train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss",
-              "val_acc": "val/acc", "lr": "lr", "images_per_sec": "perf/images_per_sec",
-              "epoch_time": "perf/epoch_time"}
+              "val_acc": "val/acc", "val_loss_tta": "val/loss_tta", "val_acc_tta": "val/acc_tta", "lr": "lr",
+              "images_per_sec": "perf/images_per_sec", "epoch_time": "perf/epoch_time"}
 
 
 def wandb_run_id(run_dir: Path, create: bool = True) -> str | None:

@@ -17,6 +17,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import state_folder
 from .augment import AugmentConfig, BatchAugment
 from .config import COMPILE_MODES, ConfigError, TrainConfig, config_to_dict, save_config
 from .data import CLASSES, MEAN, STD, cifar10_splits
@@ -24,13 +25,20 @@ from .distributed import create_accelerator, precision_of, scaled_lr
 from .engine import EpochOutcome, EpochPlan, StepParts, confusion_matrix, evaluate, train_epoch
 from .identity import activation_of, run_group, run_name
 from .interrupt import StopRequest, Stopped
+from .launch import launch_command, watch_launcher
 from .loader import DeviceLoader, eval_loader, per_image_transform, worker_loader
 from .models import count_parameters, create_model, list_models
 from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, create_optimizer, create_scheduler, per_1024_images
-from .state import EpochSums, StateError, TrainState
+from .resume import describe, resume_changes
+from .state import StateError, TrainState
 from .techniques import RunInfo, check_techniques, create_techniques, technique_model_kwargs
 from .tracking import (MetricsLog, define_wandb_metrics, environment_info, print_sync_hint, resolve_wandb_mode,
                        wandb_class_report, wandb_image_grid, wandb_init_kwargs, wandb_row, wandb_run_id)
+
+
+# In an epoch without validation, the loss on this many (unaugmented) training images tells that the weights
+# about to be saved score a finite loss: ~1% of an epoch's compute on CIFAR-10.
+PROBE_IMAGES = 500
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,7 +118,7 @@ def prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     replace a better best.safetensors. Generated names get a suffix until unique, even within one second.
     """
     if cfg.resume:
-        ckpt.state_dir_for_resume(cfg.resume)  # fails early, naming the folder, when there is nothing to resume
+        state_folder.state_dir_for_resume(cfg.resume)  # fails early, naming the folder, when there is nothing to resume
         return Path(cfg.resume)
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
@@ -165,6 +173,7 @@ class Run:
     global_batch: int
     meta: dict  # saved with the weights: what evaluate.py and predict.py need to rebuild and score the net
     precision: str
+    probe_loader: Any = None  # training images whose loss tells finite weights in an epoch not validated
     wandb_mode: str = "off"
     wandb: Any = None
     started: float = 0.0  # time.perf_counter() at start-up
@@ -174,6 +183,16 @@ class Run:
     def n_epochs(self) -> int:
         """Epochs to loop over: a fractional --epochs cuts the last one short."""
         return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, step in it) the saved state continues from, at this launch's global batch."""
+        return self.state.position(self.steps_per_epoch, self.global_batch)
+
+    def epoch_plan(self, epoch: int, skip: int = 0, carry=None) -> EpochPlan:
+        """The updates of ``epoch`` to run, after ``skip`` done before (a resumed epoch, its sums ``carry``)."""
+        first = epoch * self.steps_per_epoch
+        return EpochPlan(epoch, skip, min(self.steps_per_epoch, self.total_steps - first), first + skip, carry)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -190,8 +209,9 @@ def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             channels_last=cfg.channels_last, alternate_flip=cfg.flip == "alternate")
     transform = per_image_transform(augment_config(cfg), MEAN, STD, cfg.auto_augment, cfg.random_erasing)
-    return worker_loader(accelerator, train_set.images, train_set.labels, cfg.batch_size, transform, cfg.workers,
-                         cfg.seed, cfg.channels_last, cfg.flip == "alternate")
+    return worker_loader(accelerator, train_set.images, train_set.labels, cfg.batch_size, transform,
+                         workers=cfg.workers, seed=cfg.seed, channels_last=cfg.channels_last,
+                         alternate_flip=cfg.flip == "alternate")
 
 
 def compile_model(model: nn.Module, mode: str, device: torch.device, printer=print) -> nn.Module:
@@ -204,11 +224,15 @@ def compile_model(model: nn.Module, mode: str, device: torch.device, printer=pri
     return torch.compile(model, mode=mode)
 
 
+def base_lr(cfg: TrainConfig) -> float:
+    """--lr, else the optimizer's default, in --lr-unit terms (before any scaling)."""
+    return cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
+
+
 def build_optimizer(cfg: TrainConfig, model: nn.Module, techniques, global_batch: int, num_processes: int):
     """(optimizer, its lr): the lr per --lr-unit and --lr-scale, the techniques' options and wrappers."""
-    base_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
-    lr = per_1024_images(base_lr, global_batch) if cfg.lr_unit == "image1024" else \
-        scaled_lr(base_lr, cfg.lr_scale, num_processes)
+    lr = per_1024_images(base_lr(cfg), global_batch) if cfg.lr_unit == "image1024" else \
+        scaled_lr(base_lr(cfg), cfg.lr_scale, num_processes)
     weight_decay = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WEIGHT_DECAY[cfg.opt]
     optimizer = create_optimizer(model, cfg.opt, lr, weight_decay, cfg.momentum,
                                  norm_bias_lr_scale=cfg.norm_bias_lr_scale, **techniques.optimizer_options())
@@ -219,6 +243,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     """Build every part of a run. Whatever can fail on the user's input fails before a file is written."""
     started = time.perf_counter()
     check_config(cfg)
+    changes = resume_changes(cfg) if cfg.resume else []
     wandb_mode = resolve_wandb_mode(cfg.wandb)
     accelerator = create_accelerator(log_with="wandb" if wandb_mode != "off" else None)
     if cfg.sync_bn and accelerator.device.type == "cpu":
@@ -236,8 +261,6 @@ def setup_run(cfg: TrainConfig) -> Run:
     steps_per_epoch, global_batch = len(train_loader), cfg.batch_size * accelerator.num_processes
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))  # a fractional --epochs cuts the last epoch
     techniques = create_techniques(cfg, RunInfo(accelerator, model, train_set.images, steps_per_epoch, total_steps))
-    for obj in techniques.checkpoint_objects():
-        accelerator.register_for_checkpointing(obj)
     optimizer, lr = build_optimizer(cfg, model, techniques, global_batch, accelerator.num_processes)
     if cfg.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -248,34 +271,52 @@ def setup_run(cfg: TrainConfig) -> Run:
                                 cfg.warmup_lr_ratio, cfg.min_lr_ratio, cfg.schedule)
     loss_fn = techniques.loss_fn() or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_loader = accelerator.prepare(eval_loader(val_set.images, val_set.labels, 500)) if len(val_set.labels) else None
+    probe = accelerator.prepare(eval_loader(train_set.images[:PROBE_IMAGES], train_set.labels[:PROBE_IMAGES], 500))
     meta = {"model": cfg.model, "model_kwargs": model_kwargs(cfg), "classes": list(CLASSES), "mean": list(MEAN),
             "std": list(STD), "num_params": n_params, "val_split": cfg.val_split, "seed": cfg.seed,
             "split_seed": split_seed, "tta": cfg.tta}
     run = Run(cfg, accelerator, StepParts(model, optimizer, loss_fn, accelerator, techniques), schedule, train_loader,
               val_loader, run_dir, TrainState(), MetricsLog(run_dir, enabled=accelerator.is_main_process),
-              steps_per_epoch, total_steps, global_batch, meta, precision_of(accelerator), wandb_mode,
+              steps_per_epoch, total_steps, global_batch, meta, precision_of(accelerator), probe, wandb_mode,
               started=started)
     if cfg.resume:
-        run.state = load_train_state(accelerator, run_dir)
+        resume_run(run, changes)
     accelerator.print(_header(run, lr, len(train_set.labels), len(val_set.labels)))
     return run
 
 
-def load_train_state(accelerator: Accelerator, run_dir: Path) -> TrainState:
-    """The saved state of a run (weights, optimizer, techniques and RNGs restored in place)."""
-    saved = ckpt.load_state(accelerator, run_dir)
+def resume_run(run: Run, changes: list[dict]) -> None:
+    """Restore the run's saved state in place (weights, optimizer, techniques, RNGs, TrainState), and say in
+    one line what this launch changes: the schedule flags ``changes``, the precision, the process count."""
+    accelerator, model = run.accelerator, run.accelerator.unwrap_model(run.parts.model, keep_torch_compile=False)
+    trainer, tensors = state_folder.load_state(accelerator, run.run_dir, model, run.parts.optimizer)
+    source = state_folder.state_dir_for_resume(run.run_dir)
     try:
-        return TrainState.from_dict(saved, str(ckpt.state_dir_for_resume(run_dir) / ckpt.TRAINER_FILE))
-    except StateError as e:
-        raise ckpt.CheckpointError(str(e)) from None
+        run.parts.techniques.load_state_tensors(tensors, str(source / state_folder.TECHNIQUES_FILE))
+        run.state = TrainState.from_dict(trainer, str(source / state_folder.TRAINER_FILE))
+    except (StateError, ValueError, RuntimeError) as e:
+        raise ckpt.CheckpointError(str(e).splitlines()[0]) from None
+    state, processes = run.state, accelerator.num_processes
+    for what, saved, now in (("precision", state.precision, run.precision), ("processes", state.processes, processes)):
+        if saved and saved != now:
+            changes.append({"flag": what, "from": saved, "to": now})
+    if changes:
+        epoch = run.position[0] + 1
+        state.changes += [{"epoch": epoch, **c} for c in changes]
+        accelerator.print(f"resuming with changes from epoch {epoch}: {describe(changes)}")
+    if processes > state.processes > 0:
+        extra = f"process {state.processes} has" if processes - state.processes == 1 else \
+            f"processes {state.processes} to {processes - 1} have"
+        accelerator.print(f"note: {extra} no saved random generators (the run was saved by {state.processes}): "
+                          "seeded from --seed instead")
 
 
 def _header(run: Run, lr: float, n_train: int, n_val: int) -> str:
     cfg, n_proc = run.cfg, run.accelerator.num_processes
-    base_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.opt]
-    scaled = f" ({cfg.lr_scale}-scaled from {base_lr:g})" if cfg.lr_scale != "none" and lr != base_lr else ""
-    per_1024 = f" ({base_lr:g} per 1024 images)" if cfg.lr_unit == "image1024" else ""
-    epoch, step = run.state.position(run.steps_per_epoch, run.global_batch)
+    given = base_lr(cfg)
+    scaled = f" ({cfg.lr_scale}-scaled from {given:g})" if cfg.lr_scale != "none" and lr != given else ""
+    per_1024 = f" ({given:g} per 1024 images)" if cfg.lr_unit == "image1024" else ""
+    epoch, step = run.position
     return (f"global batch {run.global_batch} ({n_proc} process{'es' if n_proc > 1 else ''} x {cfg.batch_size}), "
             f"lr {lr:g}{scaled}{per_1024} | {cfg.model} ({run.meta['num_params']:,} parameters) on "
             f"{run.accelerator.device.type}, precision {run.precision} | {n_train:,} train / {n_val:,} val images, "
@@ -290,23 +331,23 @@ def train(cfg: TrainConfig) -> dict:
     and its ``ema`` (the averaged model, or None).
 
     Raises ``Stopped`` after saving a resumable state when SIGTERM/SIGINT arrives, and without saving
-    anything when the loss stops being finite.
+    anything when the loss or the weights stop being finite.
     """
     run = setup_run(cfg)
     accelerator, state = run.accelerator, run.state
-    start_epoch, skip = state.position(run.steps_per_epoch, run.global_batch)
+    start_epoch, skip = run.position
     row: dict = {}
     try:
-        if start_epoch * run.steps_per_epoch + skip >= run.total_steps:
+        if run.epoch_plan(start_epoch, skip).global_step >= run.total_steps:
             accelerator.print(f"{run.run_dir} already trained {state.epochs_done(run.steps_per_epoch):g} epochs; "
                               "pass --epochs N to train longer")
             return result(run, row)
         start_tracking(run)
         run.first_epoch, carry = start_epoch, state.partial if skip else None
         with StopRequest() as stop:
+            watch_launcher(stop)
             for epoch in range(start_epoch, run.n_epochs):
-                plan = EpochPlan(epoch, skip, min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch),
-                                 epoch * run.steps_per_epoch + skip, carry)
+                plan = run.epoch_plan(epoch, skip, carry)
                 run.train_loader.set_epoch(epoch, skip)
                 outcome = train_epoch(run.parts, run.train_loader, run.schedule, plan, stop, cfg.check_every,
                                       cfg.progress)
@@ -318,6 +359,7 @@ def train(cfg: TrainConfig) -> dict:
                     run.metrics.plot()
                     raise _stopped(stop, run.run_dir, f"the end of epoch {epoch + 1}")
     finally:
+        run.train_loader.close()
         accelerator.end_training()
     return result(run, row)
 
@@ -333,25 +375,39 @@ def check_outcome(run: Run, outcome: EpochOutcome, plan: EpochPlan, stop: StopRe
     if outcome.nonfinite:
         first, last = outcome.nonfinite
         where = f"step {last}" if first == last else f"between steps {first} and {last}"
-        raise Stopped(
-            f"error: the training loss became non-finite (nan/inf) at epoch {plan.epoch + 1}, {where} of "
-            f"{run.steps_per_epoch}; nothing was saved after epoch {run.state.epoch} (the last good state and "
-            f"weights are kept in {run.run_dir}). Try a lower --lr or --clip-grad 1.0", 3)
+        raise blow_up(run, f"the training loss became non-finite (nan/inf) at epoch {plan.epoch + 1}, {where} of "
+                           f"{run.steps_per_epoch}")
     if outcome.stopped:
         run.metrics.plot()
-        save_state(run, epoch=plan.epoch, step_in_epoch=outcome.step, partial=outcome.sums, outcome=outcome,
-                   plan=plan)
+        save_state(run, plan, outcome)
         raise _stopped(stop, run.run_dir, f"epoch {plan.epoch + 1}, step {outcome.step}/{run.steps_per_epoch}")
 
 
-def save_state(run: Run, epoch: int, step_in_epoch: int, partial: EpochSums | None, outcome: EpochOutcome,
-               plan: EpochPlan) -> None:
-    """Save where the run is; ``train_time_s`` gains this launch's part of the epoch (a carried part was counted)."""
-    carried = plan.carry.elapsed if plan.carry else 0.0
+def blow_up(run: Run, what: str) -> Stopped:
+    """The stop after a non-finite loss or weights: nothing of this epoch is saved; say which epoch is kept."""
     state = run.state
-    state.epoch, state.step_in_epoch, state.partial, state.global_batch = epoch, step_in_epoch, partial, run.global_batch
-    state.train_time_s += outcome.sums.elapsed - carried
-    ckpt.save_state(run.accelerator, run.run_dir, state.to_dict())
+    if state.saves:
+        at = f"epoch {state.epoch}" + (f", step {state.step_in_epoch}" if state.step_in_epoch else "")
+        kept = (f"kept: the state and weights of {at} in {run.run_dir}; continue from there with a lower lr: "
+                f"{launch_command(['--resume', str(run.run_dir)])} --lr <lower>")
+    else:
+        kept = "nothing was saved: no epoch ended with finite weights; start again with a lower --lr"
+    return Stopped(f"error: {what}; {kept} (or try --clip-grad 1.0)", 3)
+
+
+def save_state(run: Run, plan: EpochPlan, outcome: EpochOutcome) -> None:
+    """Save where ``outcome`` left ``plan``'s epoch: whole (the next epoch's start), or part of it with its
+    sums (a stop, a cut last epoch: a longer --epochs on resume continues it). ``train_time_s`` gains this
+    launch's part of the epoch (a carried part was counted when it was saved)."""
+    state, whole = run.state, outcome.step >= run.steps_per_epoch
+    state.epoch, state.step_in_epoch = (plan.epoch + 1, 0) if whole else (plan.epoch, outcome.step)
+    state.partial = None if whole else outcome.sums
+    state.global_batch, state.processes, state.precision = run.global_batch, run.accelerator.num_processes, run.precision
+    state.train_time_s += outcome.sums.elapsed - (plan.carry.elapsed if plan.carry else 0.0)
+    model = run.accelerator.unwrap_model(run.parts.model, keep_torch_compile=False)
+    state_folder.save_state(run.accelerator, run.run_dir, model, run.parts.optimizer,
+                            run.parts.techniques.state_tensors(), state.to_dict())
+    save_run_config(run)  # the config of the saved state, which a resume compares its flags with
 
 
 def end_epoch(run: Run, epoch: int, outcome: EpochOutcome, plan: EpochPlan) -> dict:
@@ -361,15 +417,13 @@ def end_epoch(run: Run, epoch: int, outcome: EpochOutcome, plan: EpochPlan) -> d
     sync_buffers(accelerator, accelerator.unwrap_model(run.parts.model), run.parts.techniques.eval_model())
     sums = outcome.sums
     row = {"epoch": epoch + 1, "step": outcome.global_step, "train_loss": sums.loss_sum / max(sums.seen, 1),
-           "train_acc": sums.correct / max(sums.seen, 1), "lr": outcome.lr,
+           "train_acc": sums.correct / max(sums.seen, 1),
+           "lr": run.schedule.lr_at(plan.epoch * run.steps_per_epoch),  # the lr of the epoch's first update
            "images_per_sec": sums.seen / max(sums.elapsed, 1e-9), "epoch_time": sums.elapsed,
            "first_step_time": outcome.first_step_time}
-    val = None
-    if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
-        # TTA multiplies eval cost, so only the final validation pays for it.
-        val = evaluate(run.eval_model, run.val_loader, accelerator, MEAN, STD, tta=cfg.tta if last else 0,
-                       channels_last=cfg.channels_last)
-        row.update(val_loss=val["loss"], val_acc=val["acc"])
+    val = validate(run, row, last) if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last) \
+        else None
+    check_finite(run, plan, val)
     improved = val is not None and val["acc"] > state.best_val_acc
     if improved:
         state.best_val_acc, state.best_epoch = val["acc"], epoch + 1
@@ -380,13 +434,38 @@ def end_epoch(run: Run, epoch: int, outcome: EpochOutcome, plan: EpochPlan) -> d
     if accelerator.is_main_process:
         run.metrics.append(row, last=last)
     save_weights(run, epoch, row, improved or run.val_loader is None)
-    # A cut last epoch is saved as a position inside it, with its sums: a longer --epochs on resume
-    # continues it (and replaces its row) instead of skipping its rest.
-    cut = plan.steps < run.steps_per_epoch
-    save_state(run, epoch=epoch if cut else epoch + 1, step_in_epoch=plan.steps if cut else 0,
-               partial=sums if cut else None, outcome=outcome, plan=plan)
+    save_state(run, plan, outcome)
     report_epoch(run, row, val, last)
     return row
+
+
+def validate(run: Run, row: dict, last: bool) -> dict:
+    """Score the validated model into ``row``: ``val_acc`` without TTA at every epoch (what "best" compares),
+    and at the last epoch also with the recipe's TTA (``val_acc_tta``; TTA multiplies eval cost). Returns
+    the last evaluation (with its predictions, for the confusion matrix)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    val = evaluate(run.eval_model, run.val_loader, accelerator, MEAN, STD, channels_last=cfg.channels_last)
+    row.update(val_loss=val["loss"], val_acc=val["acc"])
+    if last and cfg.tta:
+        tta = evaluate(run.eval_model, run.val_loader, accelerator, MEAN, STD, tta=cfg.tta,
+                       channels_last=cfg.channels_last)
+        row.update(val_loss_tta=tta["loss"], val_acc_tta=tta["acc"])
+        return {**tta, "acc": val["acc"], "loss": val["loss"]}
+    return val
+
+
+def check_finite(run: Run, plan: EpochPlan, val: dict | None) -> None:
+    """Raise ``blow_up`` before anything of the epoch is saved unless the weights are finite and the saved
+    model scores a finite loss (on the validation split, else on training images). The training loss is
+    measured before each update, so it misses a blow-up in an epoch's last update."""
+    params = [p.detach() for p in run.parts.model.parameters()]
+    weights_finite = bool(torch.stack(torch._foreach_norm(params)).isfinite().all())  # one read
+    if val is None:
+        val = evaluate(run.eval_model, run.probe_loader, run.accelerator, MEAN, STD,
+                       channels_last=run.cfg.channels_last)
+    if not (weights_finite and math.isfinite(val["loss"])):
+        what = "the weights" if not weights_finite else "the loss of the weights to save"
+        raise blow_up(run, f"{what} became non-finite (nan/inf) by the end of epoch {plan.epoch + 1}")
 
 
 def save_weights(run: Run, epoch: int, row: dict, best: bool) -> None:
@@ -427,15 +506,21 @@ def start_tracking(run: Run) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     if cfg.resume:
         run.metrics.truncate_after(run.state.epoch)  # the rows of epochs to be run (again), a cut last one included
-    if accelerator.is_main_process:
-        # After a resume has loaded its state: one that cannot (another --model-kwargs) leaves config.yaml as it was.
-        save_config(cfg, run.run_dir / "config.yaml", f"precision used: {run.precision} (from the accelerate "
-                                                     "config; not a train.py flag)")
+    if not cfg.resume:
+        save_run_config(run)  # a resume's waits for its first save: until then the saved state is the old config's
     run.wandb = start_wandb(cfg, accelerator, run.wandb_mode, run.run_dir, run.meta["num_params"])
     if run.wandb is not None and not cfg.resume:
         run.train_loader.set_epoch(0)
         run.wandb.log({"train/augmented_batch": wandb_image_grid(
             next(iter(run.train_loader))[0], MEAN, STD, "augmented training batch, epoch 1 (as the model sees it)")})
+
+
+def save_run_config(run: Run) -> None:
+    """config.yaml: this launch's config, headed by the precision and what each resume changed."""
+    if run.accelerator.is_main_process:
+        header = [f"precision used: {run.precision} (from the accelerate config; not a train.py flag)"]
+        header += [f"from epoch {c['epoch']} (a resume): {describe([c])}" for c in run.state.changes]
+        save_config(run.cfg, run.run_dir / "config.yaml", "\n".join(header))
 
 
 def report_epoch(run: Run, row: dict, val: dict | None, last: bool) -> None:
@@ -462,7 +547,9 @@ def write_summary(run: Run, finished: bool) -> None:
     ckpt.write_summary(run.run_dir, {
         "finished": finished, "epochs_done": state.epochs_done(run.steps_per_epoch), "epochs": run.cfg.epochs,
         "params": run.meta["num_params"], "best_val_acc": state.best_val_acc if state.best_val_acc >= 0 else None,
-        "best_epoch": state.best_epoch, "train_time_s": state.train_time_s, "precision": run.precision,
+        "best_epoch": state.best_epoch, "final_val_acc": _number(rows[-1].get("val_acc")) if rows else None,
+        "final_val_acc_tta": _number(rows[-1].get("val_acc_tta")) if rows else None,
+        "train_time_s": state.train_time_s, "precision": run.precision, "changes": state.changes,
         "images_per_sec": sum(speeds) / len(speeds) if speeds else None, "started_at": state.started_at,
         "group": run_group(config), "name": run_name(config)})
 
@@ -492,7 +579,11 @@ def start_wandb(cfg: TrainConfig, accelerator: Accelerator, mode: str, run_dir: 
 def _stopped(stop: StopRequest, run_dir: Path, where: str) -> Stopped:
     name = stop.name or "a signal"
     return Stopped(f"stopped by {name} at {where}; state saved. Continue with: "
-                   f"accelerate launch train.py --resume {run_dir}", 128 + (stop.signum or 15))
+                   f"{launch_command(['--resume', str(run_dir)])}", 128 + (stop.signum or 15))
+
+
+def _number(text: str | None) -> float | None:
+    return float(text) if text not in (None, "") else None
 
 
 def _summary(row: dict, epochs: float) -> str:
@@ -500,4 +591,6 @@ def _summary(row: dict, epochs: float) -> str:
             f"| lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s | {row['epoch_time']:.1f}s")
     if "val_acc" in row:
         text += f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} (best {row['best_val_acc']:.4f})"
+    if "val_acc_tta" in row:
+        text += f", with TTA {row['val_acc_tta']:.4f}"
     return text

@@ -52,8 +52,7 @@ def test_two_process_training_run_finishes(cifar_dir, tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     # Each rank saved its own RNG state; the model was written once.
-    assert sorted(p.name for p in (run_dir / "state").glob("random_states_*")) == \
-        ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in (run_dir / "state").glob("rng_*")) == ["rng_0.json", "rng_1.json"]
     assert np.isfinite(float(rows[-1]["val_loss"]))
 
 

@@ -94,7 +94,8 @@ def worker_path(batch=10, workers=0, rank=0, world_size=1, seed=0):
     """The per-image path with timm RandAugment (draws from `random` and NumPy) and random erasing."""
     images, labels = structured()
     transform = per_image_transform(CFG, *STATS, auto_augment="rand-m9-mstd0.5", random_erasing=0.5)
-    return WorkerLoader(images, labels, batch, CPU, transform, workers, seed, rank, world_size)
+    return WorkerLoader(images, labels, batch, CPU, transform, workers=workers, seed=seed, rank=rank,
+                        world_size=world_size)
 
 
 def run(loader, epoch, skip=0):

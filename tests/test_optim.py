@@ -6,7 +6,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from resnet.models import create_model
+from resnet.models import create_model, list_models
 from resnet.ema import ModelEma
 from resnet.optim import create_optimizer, create_scheduler
 
@@ -29,13 +29,36 @@ def test_optimizer_choices(name, cls):
 
 
 def test_lookahead_wraps_and_shares_the_lr():
+    from timm.optim import Lookahead as TimmLookahead
+
     from resnet.techniques.lookahead import Lookahead
 
     opt = Lookahead().wrap_optimizer(create_optimizer(create_model("resnet_tiny_20k"), "sgd", 0.1, 0.0))
-    assert type(opt).__name__ == "Lookahead"
+    assert isinstance(opt, TimmLookahead)
     sched = create_scheduler(opt, 100, 10, 0.01, 0.0)
     sched.step_update(50)
     assert opt._base_optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.1
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_muon_takes_the_hidden_conv_filters_and_leaves_the_input_conv_and_head_to_sgd(name):
+    model = create_model(name)
+    opt = create_optimizer(model, "muon", 0.1, 5e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
+    (muon,) = [members for g, members in zip(opt.param_groups, grouped) if g["muon"]]
+    inputs = {f"{m}.{n}" for m, conv in model.named_modules() if isinstance(conv, nn.Conv2d) and conv.in_channels == 3
+              for n, _ in conv.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not muon & inputs
+    assert not {n for n in muon if model.get_parameter(n).ndim == 2}  # the head
+    assert muon == {n for n in trainable - inputs if model.get_parameter(n).ndim == 4}
+    assert sorted(n for members in grouped for n in members) == sorted(trainable)  # each in exactly one group
+    decayed = grouped[0]
+    assert opt.param_groups[0]["weight_decay"] == 5e-4 and not opt.param_groups[0]["muon"]
+    assert {n for n in inputs & trainable if model.get_parameter(n).ndim == 4} <= decayed
+    if name == "resnet_report_4m":
+        assert "stem.0.0.weight" not in muon and "stem.0.0.weight" in decayed
 
 
 def test_schedule_is_a_function_of_the_step():

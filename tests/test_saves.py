@@ -120,10 +120,10 @@ def test_a_longer_epochs_continues_a_cut_last_epoch_step_for_step(cifar_dir, tmp
     assert "resumed at epoch 2, step 5" in proc.stdout
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "9"), ("2", "18"), ("3", "27")]
-    optimizer = torch.load(run_dir / "state" / "optimizer.bin", weights_only=False)
+    optimizer = torch.load(run_dir / "state" / "optimizer.pt", weights_only=True)
     assert {int(s["step"]) for s in optimizer["state"].values()} == {27}  # every update made, none skipped
-    # The lr follows the 27-step schedule from the step the run stopped at: cosine at 18 of 27 after epoch 2.
-    assert float(rows[1]["lr"]) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 18 / 27)), rel=1e-4)
+    # The lr follows the 27-step schedule from the step the run stopped at: cosine at 18 of 27 as epoch 3 starts.
+    assert float(rows[2]["lr"]) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 18 / 27)), rel=1e-4)
 
 
 def test_the_first_update_after_a_batch_size_change_uses_the_new_lr(cifar_dir, tmp_path, monkeypatch):

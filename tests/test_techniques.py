@@ -316,7 +316,7 @@ def test_fractional_epochs_cut_the_last_epoch_and_end_on_the_lookahead_ema(cifar
                   "--run-dir", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "4"), ("2", "6")]  # 1 full + half an epoch
-    assert float(rows[-1]["lr"]) == pytest.approx(0.1 * 0.07)  # the schedule ends where the steps end
+    assert float(rows[-1]["lr"]) == pytest.approx(0.1)  # the cut epoch's first update: the peak, after warm-up
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["finished"] and summary["epochs"] == 1.5
     assert "val_acc" in rows[-1]
@@ -542,3 +542,27 @@ def test_every_shipped_recipe_trains(recipe, cifar_dir, tmp_path):
             assert saved[key] == pytest.approx(value) if isinstance(value, float) else saved[key] == value, key
     rows = list(csv.DictReader((tmp_path / "r/metrics.csv").open()))
     assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"]))
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "muon"])
+def test_lookahead_leaves_the_stopped_whitening_bias_where_it_stopped(opt_name):
+    from resnet.techniques.lookahead import Lookahead
+
+    torch.manual_seed(0)
+    model = create_model("resnet_airbench_whiten_2m", widths=(8, 16, 16))
+    model.init_whitening(cifar_like(20))
+    # Stopped at 8: between Lookahead's syncs at 6 and 12, so the slow bias lags the stopped one.
+    base = create_optimizer(model, opt_name, 0.1, 5e-4, 0.85, whiten_bias_steps=8)
+    opt = Lookahead().wrap_optimizer(base)
+    sched = create_scheduler(opt, 14, 0, 1.0, 0.0)
+    bias, history = model.stem[0].bias, []
+    for step in range(1, 15):
+        opt.zero_grad()
+        F.cross_entropy(model(cifar_like(8, seed=step)), torch.arange(8)).backward()
+        opt.step()
+        sched.step_update(step)
+        history.append(bias.detach().clone())
+        if step == 12:  # the other groups still sync: the fast weights jumped to the slow ones
+            assert torch.equal(model.head.weight, base.state[model.head.weight]["lookahead_slow_buff"])
+    assert not torch.equal(history[6], history[7])  # the eighth update still trains it
+    assert all(torch.equal(history[7], h) for h in history[8:]), "the lookahead sync at step 12 moved it"

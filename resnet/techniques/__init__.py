@@ -53,12 +53,14 @@ class RunInfo:
 
 
 class Technique:
-    """Base class: every hook does nothing. ``order`` sets the order of creation, of the hooks and of
-    checkpoint registration (lower first; keep it stable: old run folders number their files by it)."""
+    """Base class: every hook does nothing. ``order`` sets the order of creation and of the hooks (lower
+    first); ``state_name`` is where a technique's saved tensors live in a run's state (never renumbered by
+    a change of order)."""
 
     title: str = ""
     fields: type | None = None
     order: int = 50
+    state_name: str = ""  # the prefix of its tensors in state/techniques.safetensors, when it saves any
 
     # --- when the config is read
     @classmethod
@@ -83,9 +85,12 @@ class Technique:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
-    def checkpoint_objects(self) -> list:
-        """Objects with state_dict / load_state_dict that --resume must restore."""
-        return []
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What --resume must restore, as tensors (saved with safetensors: a run folder is data, not code)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_tensors`` returned (an empty dict when it saved nothing)."""
 
     # --- the step (device work only: nothing here may read a tensor back)
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +149,21 @@ class ActiveTechniques:
             optimizer = t.wrap_optimizer(optimizer)
         return optimizer
 
-    def checkpoint_objects(self) -> list:
-        return [obj for t in self.all for obj in t.checkpoint_objects()]
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every technique's saved tensors, each key prefixed with its ``state_name``."""
+        return {f"{t.state_name}/{k}": v for t in self.all if t.state_name for k, v in t.state_tensors().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Give each technique its tensors; the saved ones of a technique that is off now fail in one line."""
+        names = {t.state_name for t in self.all if t.state_name}
+        saved = {key.split("/", 1)[0] for key in tensors}
+        if saved - names:
+            raise ValueError(f"{source}: holds the state of {', '.join(sorted(saved - names))}, which this "
+                             "launch does not use; resume with the run's own technique flags")
+        for t in self.all:
+            if t.state_name:
+                prefix = t.state_name + "/"
+                t.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     def loss_fn(self) -> Callable | None:
         return self._loss_fn[0].loss_fn() if self._loss_fn else None

@@ -18,7 +18,9 @@ class EmaFields:
 
 @technique
 class Ema(Technique):
-    title, fields, order = "EMA of the weights", EmaFields, 20
+    # After every technique that moves the weights (lookahead-EMA jumps at 30): the average follows the
+    # weights the run continues from.
+    title, fields, order, state_name = "EMA of the weights", EmaFields, 70, "ema"
 
     def __init__(self, model: nn.Module, decay: float):
         from ..ema import ModelEma  # imports timm (~4 s): only for runs with an EMA
@@ -41,5 +43,8 @@ class Ema(Technique):
     def eval_model(self) -> nn.Module:
         return self.average.module
 
-    def checkpoint_objects(self) -> list:
-        return [self.average]
+    def state_tensors(self) -> dict:
+        return self.average.module.state_dict()
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        self.average.module.load_state_dict(tensors)

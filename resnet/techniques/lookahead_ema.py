@@ -21,7 +21,7 @@ class LookaheadEmaFields:
 
 @technique
 class LookaheadEma(Technique):
-    title, fields, order = "lookahead-EMA (airbench)", LookaheadEmaFields, 30
+    title, fields, order, state_name = "lookahead-EMA (airbench)", LookaheadEmaFields, 30, "lookahead_ema"
 
     def __init__(self, average: Average):
         self.average = average
@@ -46,5 +46,8 @@ class LookaheadEma(Technique):
     def end_of_epoch(self) -> None:
         self.average.sync()
 
-    def checkpoint_objects(self) -> list:
-        return [self.average]
+    def state_tensors(self) -> dict:
+        return self.average.ema or {}  # None before its first update
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        self.average.load_state_dict({"ema": tensors or None})

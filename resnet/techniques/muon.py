@@ -1,4 +1,5 @@
-"""Muon (airbench94_muon): orthogonalised Nesterov steps on the conv filters, Nesterov SGD on the rest.
+"""Muon (airbench94_muon): orthogonalised Nesterov steps on the hidden conv filters, Nesterov SGD on the rest
+(the head and a trainable conv reading the image included: ``optim.muon_groups``).
 
 ``--opt muon`` picks it; the optimizer itself is ``optim.MuonSGD``.
 """
