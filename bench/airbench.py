@@ -20,7 +20,7 @@ bf16 natively, else in fp32 (resnet.hardware), and wall-clock time in place of C
 airbench changes.
 """
 import argparse
-import importlib.util
+import importlib.machinery
 import json
 import subprocess
 import sys
@@ -118,10 +118,15 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="default: a temporary folder")
     parser.add_argument("--cpu", action="store_true", help="run the CPU port (default when there is no GPU)")
     parser.add_argument("--record", action="store_true", help="append each run's figures to results/")
+    parser.add_argument("--dry-run", action="store_true", help="write the sets and compile airbench's script, run "
+                        "nothing (works without airbench installed: bench/gpu_session.py --rehearse)")
     args = parser.parse_args()
     if args.val_split <= 0:
         parser.error("--val-split must be at least 1: airbench scores itself on the validation images")
-    if importlib.util.find_spec("airbench") is None:
+    # This file is airbench.py too, first on sys.path: look for the package everywhere else.
+    here = Path(__file__).resolve().parent
+    installed = importlib.machinery.PathFinder.find_spec("airbench", [p for p in sys.path if Path(p).resolve() != here])
+    if installed is None and not args.dry_run:
         sys.exit("error: airbench is not installed: pip install airbench==0.1.8")
     cpu = args.cpu or not torch.cuda.is_available()
 
@@ -129,6 +134,10 @@ def main() -> None:
     n_train, n_val = write_airbench_sets(args.data_dir, args.val_split, args.seed, workdir / "cifar10")
     print(f"airbench{args.variant}: {n_train} training images, {n_val} validation images as its test set "
           f"(seed {args.seed})" + (", CPU port" if cpu else ""), flush=True)
+    if args.dry_run:
+        compile(child_script(args.variant, args.runs, cpu), "airbench's script", "exec")  # a syntax error shows
+        print(f"dry run: sets written to {workdir / 'cifar10'}, airbench's script compiles; not run")
+        return
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", child_script(args.variant, args.runs, cpu)], cwd=workdir, check=True)
     whole = time.perf_counter() - start

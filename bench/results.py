@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,11 @@ def commit() -> str:
 
 def record(bench: str, subject: str, metric: str, value: float, command: str, seed: int | str = "",
            file: str | Path | None = None) -> None:
-    """Append one figure; the file is results/gpu.csv on a GPU, else results/cpu.csv (or ``file``)."""
+    """Append one figure; the file is results/gpu.csv on a GPU, else results/cpu.csv (or ``file``, or the
+    environment's RESNET_RESULTS_FILE: a scratch file for rehearsals, bench/gpu_session.py --rehearse)."""
     import torch
 
+    file = file or os.environ.get("RESNET_RESULTS_FILE")
     path = Path(file) if file else RESULTS / ("gpu.csv" if torch.cuda.is_available() else "cpu.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.is_file()

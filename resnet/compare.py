@@ -157,11 +157,61 @@ def flat_settings(config: dict) -> dict[str, Any]:
     return settings
 
 
+def _positive(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _whitening(s: dict) -> bool:
+    return "whiten" in (s.get("stem"), s.get("model_kwargs.stem")) or (
+        s.get("stem") is None and "whiten" in str(s.get("model", "")))
+
+
+# A technique's own settings mean something only in a run where it is on (muon_lr under --opt adam is a
+# default nobody used): there they are shown and compared, elsewhere the cell is NOT_APPLICABLE.
+APPLIES: dict[str, Callable[[dict], bool]] = {
+    **dict.fromkeys(("muon_lr", "muon_momentum"), lambda s: s.get("opt") == "muon"),
+    "momentum": lambda s: s.get("opt") not in ("adam", "adamw"),
+    **dict.fromkeys(("lookahead_ema_decay", "lookahead_ema_power", "lookahead_ema_start"),
+                    lambda s: _positive(s.get("lookahead_ema"))),
+    "mix_prob": lambda s: _positive(s.get("mixup")) or _positive(s.get("cutmix")),
+    "crop_ratio": lambda s: _positive(s.get("crop_scale")),
+    "jitter_p": lambda s: _positive(s.get("color_jitter")) or _positive(s.get("hue")),
+    "blur_p": lambda s: _positive(s.get("blur_sigma")),
+    "cutout_p": lambda s: _positive(s.get("cutout")),
+    "whiten_bias_epochs": _whitening,
+    "compile_mode": lambda s: bool(s.get("compile")),
+    "workers": lambda s: s.get("loader") == "workers",
+}
+# A technique's switch, where 0 means off: shown as "off".
+SWITCHES = frozenset({"ema_decay", "mixup", "cutmix", "lookahead_ema", "clip_grad"})
+NOT_APPLICABLE = "–"  # the cell of a setting whose technique is off in that group
+
+
+def applies(settings: dict, key: str) -> bool:
+    """Whether ``key`` means something in a run of these settings (its technique is on)."""
+    return APPLIES.get(key, lambda s: True)(settings)
+
+
+def setting_value(settings: dict, key: str) -> Any:
+    """The value a group's table cell shows: NOT_APPLICABLE where its technique is off, "off" for a 0 switch."""
+    if not applies(settings, key):
+        return NOT_APPLICABLE
+    value = settings.get(key)
+    if key in SWITCHES and isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return "off"
+    return value
+
+
 def distinguishing_keys(groups: dict[str, list[RunRecord]]) -> list[str]:
-    """Settings whose value is not the same in every group: what a reader needs to tell groups apart."""
+    """Settings whose value is not the same in every group where they apply: what a reader needs to tell groups
+    apart. A technique's setting in groups where that technique is off is left out of the comparison."""
     settings = [flat_settings(runs[0].config) for runs in groups.values()]
     keys = list(dict.fromkeys(k for s in settings for k in s))
-    return [k for k in keys if len({json.dumps(canonical(s.get(k)), sort_keys=True) for s in settings}) > 1]
+    return [k for k in keys
+            if len({json.dumps(canonical(s.get(k)), sort_keys=True) for s in settings if applies(s, k)}) > 1]
 
 
 def show(value: Any) -> str:
@@ -200,7 +250,7 @@ def summarise(runs: Sequence[RunRecord]) -> tuple[list[dict], list[str]]:
             "params": next((r.params for r in members if r.params is not None), None),
             "activation": settings["activation"],
             "opt": settings.get("opt"),
-            **{k: settings.get(k) for k in keys if k not in FIXED_SETTINGS},
+            **{k: setting_value(settings, k) for k in keys if k not in FIXED_SETTINGS},
             "best_val_acc_mean": _mean(accs),
             "best_val_acc_std": statistics.stdev(accs) if len(accs) > 1 else None,  # sample std (ddof=1)
             "best_epoch_mean": _mean([r.best_epoch for r in members]),
@@ -224,7 +274,8 @@ def group_label(group: str, settings: dict, keys: list[str], n: int, mean: float
     """Legend text: the group id, what sets it apart (or model/activation/opt when nothing does) and its score."""
     shown = keys or list(FIXED_SETTINGS)
     score = "" if mean is None else f"best val {mean:.4f}" + ("" if std is None else f" ± {std:.4f}") + ", "
-    return f"{group}  " + " ".join(f"{k}={show(settings.get(k))}" for k in shown) + f"  ({score}n={n})"
+    return f"{group}  " + " ".join(f"{k}={show(setting_value(settings, k))}" for k in shown
+                                   if applies(settings, k)) + f"  ({score}n={n})"
 
 
 def _duration(seconds: float | None) -> str:
@@ -297,8 +348,8 @@ def write_csv(rows: list[dict], keys: list[str], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({c: show(row.get(c)) if c in settings else ("" if row.get(c) is None else row[c])
-                         for c in columns})
+        writer.writerow({c: ("" if row.get(c) == NOT_APPLICABLE else show(row.get(c))) if c in settings
+                         else ("" if row.get(c) is None else row[c]) for c in columns})
     atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
 
 

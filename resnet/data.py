@@ -477,14 +477,21 @@ def _ids(values: Any, n: int, path: Path) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------
 # CIFAR-10
-def _download(root: Path) -> None:
+def _not_found(folder: Path, missing: list[str], train: bool) -> str:
+    """What is missing, by name: "CIFAR-10 test file test_batch not found in <folder>"."""
+    split = "train" if train else "test"
+    return f"CIFAR-10 {split} file{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found in {folder}"
+
+
+def _download(root: Path, missing: list[str], train: bool) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
+    not_found = _not_found(root / FOLDER, missing, train)
     try:
         download_and_extract_archive(URL, download_root=str(root), md5=ARCHIVE_MD5)
     except Exception as e:
         raise DataError(
-            f"CIFAR-10 not found in {root / FOLDER} and the download from {URL} failed ({type(e).__name__}: {e}); "
+            f"{not_found}, and the download from {URL} failed ({type(e).__name__}: {e}); "
             f"put the official cifar-10-batches-py folder in {root}"
         ) from None
 
@@ -496,12 +503,12 @@ def load_cifar10(root: str | Path, train: bool, download: bool = True) -> Split:
     files = TRAIN_FILES if train else TEST_FILES
     missing = [f for f in files if not (folder / f).is_file()]
     if missing and download:
-        _download(root)
+        _download(root, missing, train)
         missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         hint = "" if download else " (or pass --download)"
-        raise DataError(f"CIFAR-10 {'train' if train else 'test'} files {missing} not found in {folder}: "
-                        f"put the official cifar-10-batches-py folder in {root}{hint}")
+        raise DataError(f"{_not_found(folder, missing, train)}: put the official cifar-10-batches-py folder in "
+                        f"{root}{hint}")
     images, labels = [], []
     for name in files:
         path = folder / name

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 
 from .knobs import ConfigError
-from .hardware import cpu_has_native_bf16, cpu_model
+from .hardware import EMULATED_BF16_SLOWDOWN, cpu_has_native_bf16, cpu_model
 
 
 def create_accelerator(**kwargs) -> Accelerator:
@@ -17,7 +17,7 @@ def create_accelerator(**kwargs) -> Accelerator:
 
     ``cpu=True`` when the machine has no accelerator: without it a 2-process MULTI_GPU launch on a
     CPU-only machine starts two unsynchronised rank-0 processes instead of one gloo group. bf16 asked
-    for on a CPU without native bf16 becomes fp32, with one line saying so: emulated bf16 ran 9-18x
+    for on a CPU without native bf16 becomes fp32, with one line saying so: emulated bf16 ran about 18x
     slower than fp32 (resnet.hardware).
     """
     on_cpu = not torch.accelerator.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
@@ -28,9 +28,11 @@ def create_accelerator(**kwargs) -> Accelerator:
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
     if to_fp32:
         accelerator.print(f"precision: fp32, not the bf16 asked for: this CPU ({cpu_model()}) has no native bf16 "
-                          "(AVX512-BF16 or AMX) and would emulate it 9-18x slower than fp32; "
+                          f"(AVX512-BF16 or AMX) and would emulate it {EMULATED_BF16_SLOWDOWN} slower than fp32; "
                           "see python -m resnet.hardware")
     if accelerator.device.type == "cpu":
+        # fp16 (and so Accelerate's GradScaler) is reachable on CUDA only. The scaler itself runs on a CPU:
+        # tests/test_gpu_branches.py drives MuonSGD's amp path with torch.amp.GradScaler("cpu").
         if accelerator.mixed_precision == "fp16":
             advice = ("use bf16 instead: --config_file accelerate_configs/bf16.yaml" if cpu_has_native_bf16() else
                       "this CPU has no native bf16 either: use fp32, --config_file accelerate_configs/cpu.yaml")
@@ -38,6 +40,7 @@ def create_accelerator(**kwargs) -> Accelerator:
         use_all_cores()
     elif accelerator.device.type == "cuda":
         # Batch shapes are fixed, so let cuDNN time its conv algorithms once and keep the fastest (airbench does).
+        # Untestable on a CPU: the flag is read by cuDNN only; CPU convolutions (oneDNN) ignore it.
         torch.backends.cudnn.benchmark = True
     return accelerator
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .augment import normalize
 from .interrupt import StopRequest
+from .progress import EpochProgress, RunClock
 from .state import EpochSums
 from .techniques import ActiveTechniques
 
@@ -96,7 +97,7 @@ class EpochOutcome:
 
 
 def train_epoch(parts: StepParts, loader, schedule, plan: EpochPlan, stop: StopRequest, check_every: int,
-                progress: bool = True) -> EpochOutcome:
+                progress: bool = True, clock: RunClock | None = None) -> EpochOutcome:
     """Run ``plan``'s updates; the lr follows the global step (``schedule.step_update``).
 
     The host never waits for the device inside a step: the loss and accuracy sums stay on the device and
@@ -104,6 +105,7 @@ def train_epoch(parts: StepParts, loader, schedule, plan: EpochPlan, stop: StopR
     across processes one all-reduce that also agrees on a stop, so every rank stops at the same step).
     A non-finite loss ends the epoch at the next read, naming the steps between; a stop request (SIGTERM,
     Ctrl-C) at the next read, or at once in a single process, where reading the flag costs nothing.
+    ``clock`` times the run's steps for the time left (one of this epoch alone without it).
     """
     accelerator = parts.accelerator
     parts.model.train()
@@ -114,8 +116,9 @@ def train_epoch(parts: StepParts, loader, schedule, plan: EpochPlan, stop: StopR
     single = accelerator.num_processes == 1
     step, global_step, last_read = plan.start_step, plan.global_step, plan.start_step
     outcome = EpochOutcome(carry, step, global_step)
-    bar = tqdm(total=plan.steps, initial=step, desc=f"epoch {plan.epoch + 1}", leave=False, dynamic_ncols=True,
-               disable=not (progress and accelerator.is_main_process))
+    clock = clock or RunClock(plan.global_step - plan.start_step + plan.steps, len(loader))
+    shown = EpochProgress(clock, plan.epoch, plan.steps, step, global_step,
+                          progress and accelerator.is_main_process)
     start = time.perf_counter()
     for x, y in loader if step < plan.steps else ():
         train_step(parts, x, y, meters)
@@ -124,17 +127,16 @@ def train_epoch(parts: StepParts, loader, schedule, plan: EpochPlan, stop: StopR
         parts.techniques.after_update(global_step)
         if not outcome.first_step_time:
             outcome.first_step_time = time.perf_counter() - start
-        bar.update()
+        shown.step(step, global_step)
         if step >= plan.steps or step % check_every == 0 or (single and stop.requested):
             sums, stopping = meters.read(accelerator, stop.requested)
             outcome = _progress(outcome, sums + carry, step, global_step, stopping, last_read, plan.steps)
             last_read = step
-            if not bar.disable and outcome.sums.seen:
-                bar.set_postfix(loss=f"{outcome.sums.loss_sum / outcome.sums.seen:.3f}",
-                                lr=f"{parts.optimizer.param_groups[0]['lr']:.3g}")
+            shown.read(global_step, outcome.sums.loss_sum / outcome.sums.seen if outcome.sums.seen else None,
+                       parts.optimizer.param_groups[0]["lr"])
             if not outcome.complete or step >= plan.steps:
                 break
-    bar.close()
+    shown.close(global_step)
     if last_read != step:  # the loader ran out before the plan's last step: read what it did
         sums, _ = meters.read(accelerator, False)
         outcome = _progress(outcome, sums + carry, step, global_step, False, last_read, plan.steps)

@@ -32,7 +32,8 @@ from typing import Sequence
 import yaml
 
 from .state_folder import newest_complete_state
-from .config import TrainConfig, build_parser
+from .config import TrainConfig, build_parser, parse_config
+from .progress import grid_estimate
 
 # Located from this file, not from `resnet.__file__`: the package has no __init__.py (namespace package).
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
@@ -224,6 +225,21 @@ def train_args_for(run: PlannedRun, state: str) -> list[str] | None:
     return list(run.train_args)
 
 
+def epochs_left(run: PlannedRun, state: str) -> float:
+    """Epochs a launch has left to train (for a dry run's estimate): its --epochs (a recipe's included), less
+    what its summary.json says was done when it continues a saved state."""
+    try:
+        epochs = float(parse_config(TrainConfig, run.train_args).epochs)
+    except (SystemExit, ValueError, TypeError, OSError):
+        return 0.0
+    if state == "resumable":
+        try:
+            epochs -= float(json.loads((run.run_dir / "summary.json").read_text()).get("epochs_done") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    return max(epochs, 0.0)
+
+
 def accelerate_executable() -> str:
     """The `accelerate` of this interpreter's environment (a venv need not be activated), else PATH's."""
     beside = Path(sys.executable).with_name("accelerate")
@@ -329,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    finished, skipped, failed, interrupted = 0, 0, [], False
+    finished, skipped, failed, interrupted, planned = 0, 0, [], False, []
     notes = {"resumable": "continuing from its saved state", "stale": "folder has no saved state, starting over",
              "new": "starting"}
     log = sys.stderr if args.dry_run else sys.stdout  # a dry run's stdout is only commands
@@ -344,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd = launch_command(train_args, args.config_file)
             if args.dry_run:
                 print(shlex.join(cmd), flush=True)
+                planned.append(epochs_left(run, state))
                 continue
             print(f"[{i}/{len(runs)}] {run.name}: {notes[state]}\n  {shlex.join(cmd)}", flush=True)
             code = run_to_the_end(cmd)
@@ -356,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted; run the same command again to continue where it stopped", flush=True)
         interrupted = True
     if args.dry_run:
+        print(grid_estimate(Path(args.experiment_dir), planned), file=log, flush=True)
         return 0
     print(f"{finished} finished, {skipped} skipped, {len(failed)} failed"
           + "".join(f"\n  failed: {name} (exit {code})" for name, code in failed), flush=True)

@@ -1,4 +1,5 @@
-"""Score a checkpoint (evaluate.py) and write a predictions file (predict.py)."""
+"""Score a checkpoint (evaluate.py), write a predictions file (predict.py), and load a run's net in Python
+(``load_model``, ``predict_images``: re-exported by ``resnet``)."""
 from __future__ import annotations
 
 import csv
@@ -14,10 +15,10 @@ import yaml
 from .atomic import atomic_path, atomic_write_text
 from .checkpoint import load_checkpoint
 from .config import ConfigError, EvalConfig, PredictConfig, TrainConfig
-from .data import DataError, cifar10_splits, load_cifar10, load_custom_pickle
+from .data import DataError, cifar10_splits, load_cifar10, load_custom_pickle, to_nhwc
 from .distributed import create_accelerator
-from .engine import confusion_matrix, evaluate, predict
-from .loader import eval_loader
+from .engine import _inputs, confusion_matrix, evaluate, predict, tta_logits
+from .loader import eval_loader, to_chw_tensor
 from .tracking import (confusion_figure, per_class_accuracy, print_sync_hint, resolve_wandb_mode, wandb_class_report,
                        wandb_run_id)
 
@@ -205,3 +206,60 @@ def run_predict(cfg: PredictConfig) -> Path:
             writer.writerows(zip(data.ids.tolist(), logits.argmax(1).tolist()))
         accelerator.print(f"wrote {len(data.ids)} predictions from {file} to {out}")
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Python use: ``resnet.load_model`` and ``resnet.predict_images``
+WHICH = {"best": "best.safetensors", "last": "last.safetensors"}
+
+
+def load_model(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The net a run trained, rebuilt from its checkpoint's metadata, on ``device``, in eval mode.
+
+    ``run`` is a run folder (``runs/<name>``) or one of its ``.safetensors`` files. ``which="best"`` loads the
+    weights of the best validation epoch (a run without validation has only ``last``, which is loaded then);
+    ``which="last"`` those after the latest epoch. A run with ``--ema-decay`` saved its EMA's weights in both.
+    The checkpoint's metadata (classes, mean, std, the TTA level the run validated with, ...) is on
+    ``model.meta``, which ``predict_images`` reads.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    path = Path(run).expanduser()
+    if path.is_dir() and which == "last":
+        path = path / WHICH["last"]  # load_checkpoint picks best (else last) for a folder
+    model, meta, file = load_checkpoint(path)
+    model.meta = {**meta, "file": str(file)}
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def predict_images(model: torch.nn.Module, images, tta: int | None = None, batch_size: int = 500,
+                   mean=None, std=None) -> torch.Tensor:
+    """Logits (N, classes, float32 on the CPU) for uint8 images, normalised and test-time augmented as the
+    run did: ``images`` is a numpy array or tensor of shape (N, 32, 32, 3) or (N, 3072) (CIFAR's channel-first
+    rows), pixels 0-255. mean, std and tta default to the run's own (``model.meta`` from ``load_model``);
+    ``logits.argmax(1)`` are the labels predict.py writes. The model is used in eval mode, on its own device.
+    """
+    meta = getattr(model, "meta", None) or {}
+    mean = mean if mean is not None else meta.get("mean")
+    std = std if std is not None else meta.get("std")
+    if mean is None or std is None:
+        raise ValueError("predict_images needs the run's mean and std: load the model with resnet.load_model, "
+                         "or pass mean= and std=")
+    tta = int(meta.get("tta", 0)) if tta is None else tta
+    if tta not in (0, 1, 2):
+        raise ValueError(f"tta must be 0, 1 or 2, got {tta!r}")
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    images = to_nhwc(np.asarray(images), Path("images"), field="images")
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    model.eval()
+    x_all = to_chw_tensor(images)
+    out = []
+    for start in range(0, len(x_all), batch_size):
+        x = _inputs(x_all[start:start + batch_size].to(device), mean, std, channels_last=False)
+        out.append(tta_logits(model, x, tta).float().cpu())
+    return torch.cat(out)

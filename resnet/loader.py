@@ -324,7 +324,7 @@ class WorkerLoader:
         # otherwise advance the global torch RNG (the images reseed per image anyway).
         self.loader = DataLoader(dataset, batch_sampler=self.sampler,
                                  num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=device.type == "cuda", generator=torch.Generator(),
+                                 pin_memory=device.type == "cuda", generator=torch.Generator(),  # no pinning w/o a GPU
                                  worker_init_fn=_leave_stop_signals_to_the_main_process)
 
     def __len__(self) -> int:

@@ -123,7 +123,8 @@ class FilterStack:
     the ~25 kernel launches each filter's own chain would cost).
     """
 
-    def __init__(self, filters: list[torch.Tensor]):
+    def __init__(self, filters: list[torch.Tensor], compile_ns: bool | None = None):
+        self.compile_ns = compile_ns  # None: compiled on CUDA only (``orthogonalise``)
         mats = [(len(f), f[0].numel()) for f in filters]
         self.tall = [r > c for r, c in mats]
         wide = [(c, r) if t else (r, c) for (r, c), t in zip(mats, self.tall)]
@@ -137,10 +138,13 @@ class FilterStack:
         return block.view(f.shape)
 
     def orthogonalise(self, steps: int, dtype: torch.dtype) -> None:
-        """Newton-Schulz on the whole stack, in place (compiled on CUDA, as airbench94_muon does)."""
+        """Newton-Schulz on the whole stack, in place: compiled when ``compile_ns`` says so, by default on CUDA
+        only, as airbench94_muon does. torch.compile runs on a CPU too (tests/test_gpu_branches.py forces it),
+        but there it costs 1-10 s of compiling and gains nothing: 62 ms compiled, 61 ms eager for
+        resnet_airbench_whiten_2m's (6, 256, 2304) bf16 stack on one core of a 2-core AMD EPYC."""
         global _compiled_newton_schulz
         orthogonalise = newton_schulz
-        if self.stack.is_cuda:
+        if self.stack.is_cuda if self.compile_ns is None else self.compile_ns:
             if _compiled_newton_schulz is None:
                 _compiled_newton_schulz = torch.compile(newton_schulz, dynamic=False)
             orthogonalise = _compiled_newton_schulz
@@ -159,12 +163,20 @@ class MuonSGD(torch.optim.Optimizer):
     step size). Every per-tensor step is a foreach op: on a GPU each op costs the host a few microseconds.
     The chain runs in bf16 where the device computes it natively, else in fp32. One optimizer, so the
     loop, the schedule, Accelerate and checkpoints treat it like any other.
+
+    ``fused``: the SGD part's update as torch's fused kernel (else foreach). ``compile_ns``: Newton-Schulz
+    compiled (None: on CUDA only). Under fp16's GradScaler it takes the scale and the inf flag on the
+    device (``_step_supports_amp_scaling``): no value is read back to the host (``_amp_step``).
     """
 
+    # GradScaler.step then sets ``grad_scale`` (None when unscale_ already ran) and ``found_inf`` on the
+    # optimizer and always calls step(), instead of reading found_inf back with .item() to decide.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr: float, momentum: float = 0.85, muon_momentum: float = 0.6, ns_steps: int = 3,
-                 ns_dtype: torch.dtype = torch.bfloat16, fused: bool = False):
+                 ns_dtype: torch.dtype = torch.bfloat16, fused: bool = False, compile_ns: bool | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=0.0, nesterov=True, muon=False))
-        self.ns_dtype, self._fused = ns_dtype, fused
+        self.ns_dtype, self._fused, self.compile_ns = ns_dtype, fused, compile_ns
         self._stacks: dict[tuple, FilterStack] = {}  # per set of filters: scratch space, not state
         for group in self.param_groups:
             if group["muon"]:
@@ -177,10 +189,17 @@ class MuonSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
+        todo = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        todo = [(g, params) for g, params in todo if params]
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            self._update(todo)
+        else:
+            self._amp_step(todo, grad_scale, found_inf)
+        return loss
+
+    def _update(self, todo: list[tuple[dict, list[torch.Tensor]]]) -> None:
+        for group, params in todo:
             bufs = [self.state[p].get("momentum_buffer") for p in params]
             if group["muon"]:
                 self._muon_step(group, params, bufs)
@@ -191,7 +210,37 @@ class MuonSGD(torch.optim.Optimizer):
                            nesterov=group["nesterov"], maximize=False, **kind)
             for p, buf in zip(params, bufs):  # created on the first step
                 self.state[p]["momentum_buffer"] = buf
-        return loss
+
+    def _amp_step(self, todo: list, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        """The update of unscaled grads, or none at all (params and momentum unchanged) when ``found_inf``
+        is set, decided on the device: the grads are divided by ``grad_scale`` (as GradScaler.unscale_
+        does: x its fp32 reciprocal, computed in fp64), non-finite values zeroed (the update stays finite,
+        and equals the plain one when there were none), the update applied, and then the params and
+        momentum buffers set to keep x new + found x old, exact for keep, found in {0, 1}.
+
+        The fp16 path only (GradScaler); costs a copy of the params and buffers and one op per grad
+        (nan_to_num_: there is no foreach form), against a read-back that stalls the host every step.
+        A buffer not yet created starts at zero: with dampening 0, zero x momentum + grad is the
+        gradient exactly, torch's first step, and a skipped first step leaves it at zero.
+        """
+        grads = [p.grad for _, params in todo for p in params]
+        if grad_scale is not None:
+            torch._foreach_mul_(grads, grad_scale.double().reciprocal().float())
+        if found_inf is None:
+            return self._update(todo)
+        for g in grads:
+            g.nan_to_num_(0.0, 0.0, 0.0)
+        for _, params in todo:
+            for p in params:
+                if self.state[p].get("momentum_buffer") is None:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        live = [t for _, params in todo for p in params for t in (p, self.state[p]["momentum_buffer"])]
+        old = torch._foreach_mul(live, 1.0)  # copies
+        self._update(todo)
+        found = found_inf.clamp(0, 1)  # GradScaler adds the flags of all devices
+        torch._foreach_mul_(live, 1 - found)
+        torch._foreach_mul_(old, found)
+        torch._foreach_add_(live, old)
 
     def _muon_step(self, group: dict, params: list[torch.Tensor], bufs: list) -> None:
         norms = torch._foreach_norm(params)  # each filter bank to Frobenius norm sqrt(out channels)
@@ -206,7 +255,7 @@ class MuonSGD(torch.optim.Optimizer):
         torch._foreach_lerp_(bufs, grads, 1 - m)
         filters = self._stacks.get(tuple(map(id, params)))
         if filters is None:  # built once: the views follow the stack, which is rewritten in place each step
-            filters = self._stacks[tuple(map(id, params))] = FilterStack(params)
+            filters = self._stacks[tuple(map(id, params))] = FilterStack(params, self.compile_ns)
         torch._foreach_copy_(filters.views, grads)
         torch._foreach_lerp_(filters.views, bufs, m)  # Nesterov: the gradient moved towards the new momentum
         filters.orthogonalise(group["ns_steps"], self.ns_dtype)
@@ -215,15 +264,22 @@ class MuonSGD(torch.optim.Optimizer):
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                      norm_bias_lr_scale: float = 1.0, whiten_bias_steps: int | None = None,
-                     muon_lr: float = 0.24, muon_momentum: float = 0.6) -> torch.optim.Optimizer:
+                     muon_lr: float = 0.24, muon_momentum: float = 0.6, fused: bool | None = None,
+                     compile_ns: bool | None = None) -> torch.optim.Optimizer:
     """The named optimizer over ``param_groups(model, ...)``; ``muon_lr`` / ``muon_momentum`` only for 'muon'
-    (``muon_groups``)."""
+    (``muon_groups``).
+
+    ``fused``: torch's fused kernels (for muon: its SGD part), else foreach ops; None: fused on CUDA (one
+    kernel per update), foreach elsewhere (a handful of ops, not a few per tensor; the speed the CPU runs
+    were measured at). ``compile_ns``: muon's Newton-Schulz compiled; None: on CUDA only. Both run on a
+    CPU when forced, which is how the tests cover the branches a GPU takes.
+    """
     groups = param_groups(model, weight_decay, lr, norm_bias_lr_scale, whiten_bias_steps)
     if name == "muon":
         groups = muon_groups(model, groups, muon_lr)
-    # One fused kernel per update on CUDA; foreach ops elsewhere: a handful of ops, not a few per tensor.
     cuda = next(model.parameters()).is_cuda
-    kind = {"fused": True} if cuda else {"foreach": True}
+    fused = cuda if fused is None else fused
+    kind = {"fused": True} if fused else {"foreach": True}
     if name in ("sgd", "nesterov"):
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=name == "nesterov", **kind)
     elif name == "adam":
@@ -232,8 +288,8 @@ def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
         opt = torch.optim.AdamW(groups, lr=lr, **kind)
     elif name == "muon":
         native_bf16 = cuda or cpu_has_native_bf16()
-        opt = MuonSGD(groups, lr=lr, momentum=momentum, muon_momentum=muon_momentum, fused=cuda,
-                      ns_dtype=torch.bfloat16 if native_bf16 else torch.float32)
+        opt = MuonSGD(groups, lr=lr, momentum=momentum, muon_momentum=muon_momentum, fused=fused,
+                      compile_ns=compile_ns, ns_dtype=torch.bfloat16 if native_bf16 else torch.float32)
     else:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULT_LR)}")
     return opt

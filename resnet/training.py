@@ -23,12 +23,14 @@ from .config import COMPILE_MODES, ConfigError, TrainConfig, config_to_dict, sav
 from .data import CLASSES, MEAN, STD, cifar10_splits
 from .distributed import create_accelerator, precision_of, scaled_lr
 from .engine import EpochOutcome, EpochPlan, StepParts, confusion_matrix, evaluate, train_epoch
+from .hardware import print_precision_hint
 from .identity import activation_of, run_group, run_name
 from .interrupt import StopRequest, Stopped
 from .launch import launch_command, watch_launcher
 from .loader import DeviceLoader, eval_loader, per_image_transform, worker_loader
 from .models import count_parameters, create_model, list_models
 from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, create_optimizer, create_scheduler, per_1024_images
+from .progress import RunClock, closing_line, epoch_position
 from .resume import describe, resume_changes
 from .state import StateError, TrainState
 from .techniques import RunInfo, check_techniques, create_techniques, technique_model_kwargs
@@ -178,6 +180,7 @@ class Run:
     wandb: Any = None
     started: float = 0.0  # time.perf_counter() at start-up
     first_epoch: int = 0  # the first epoch this launch trains (0-based)
+    clock: RunClock | None = None  # this launch's step and epoch times, for the time left (run_clock)
 
     @property
     def n_epochs(self) -> int:
@@ -214,10 +217,17 @@ def make_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set):
                          alternate_flip=cfg.flip == "alternate")
 
 
-def compile_model(model: nn.Module, mode: str, device: torch.device, printer=print) -> nn.Module:
+def compile_model(model: nn.Module, mode: str, device: torch.device, printer=print,
+                  gpu_modes: bool | None = None) -> nn.Module:
     """torch.compile with ``mode``; the GPU-only modes (CUDA graphs, kernel autotuning) compile with
-    ``default`` on a CPU, saying so."""
-    if mode != "default" and device.type != "cuda":
+    ``default`` on a CPU, saying so. ``gpu_modes`` True passes any mode through whatever the device (tests;
+    None: on CUDA only). On a CPU, max-autotune(-no-cudagraphs) then autotunes inductor's CPU kernels: it runs,
+    but it is not the GPU's Triton autotuning. The CUDA-graph part of reduce-overhead and max-autotune cannot
+    run on a CPU at all: CUDA graphs capture CUDA kernels, and inductor skips them for CPU tensors, so a CPU
+    never takes that branch."""
+    if gpu_modes is None:
+        gpu_modes = device.type == "cuda"
+    if mode != "default" and not gpu_modes:
         printer(f"--compile-mode {mode}: GPU-only ({', '.join(COMPILE_MODES[1:])}); compiling with default on "
                 f"{device.type}")
         mode = "default"
@@ -246,6 +256,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     changes = resume_changes(cfg) if cfg.resume else []
     wandb_mode = resolve_wandb_mode(cfg.wandb)
     accelerator = create_accelerator(log_with="wandb" if wandb_mode != "off" else None)
+    print_precision_hint(accelerator)  # fp32 where bf16 is native: one line saying how to use it
     if cfg.sync_bn and accelerator.device.type == "cpu":
         raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; drop it for CPU runs")
     set_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
@@ -350,7 +361,7 @@ def train(cfg: TrainConfig) -> dict:
                 plan = run.epoch_plan(epoch, skip, carry)
                 run.train_loader.set_epoch(epoch, skip)
                 outcome = train_epoch(run.parts, run.train_loader, run.schedule, plan, stop, cfg.check_every,
-                                      cfg.progress)
+                                      cfg.progress, run_clock(run))
                 check_outcome(run, outcome, plan, stop)
                 row = end_epoch(run, epoch, outcome, plan)
                 skip, carry = 0, None
@@ -361,6 +372,8 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         run.train_loader.close()
         accelerator.end_training()
+    accelerator.print(closing_line(run.run_dir, state.best_val_acc, state.best_epoch, run.val_loader is not None,
+                                   state.epochs_done(run.steps_per_epoch), time.perf_counter() - run.started))
     return result(run, row)
 
 
@@ -526,6 +539,8 @@ def save_run_config(run: Run) -> None:
 def report_epoch(run: Run, row: dict, val: dict | None, last: bool) -> None:
     """After the epoch's save: summary.json, the W&B summary (and the confusion matrix), the console line."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    clock = run_clock(run)
+    clock.ended(validated=val is not None, last=last)
     if accelerator.is_main_process:
         write_summary(run, finished=last)
     if run.wandb is not None:
@@ -535,7 +550,8 @@ def report_epoch(run: Run, row: dict, val: dict | None, last: bool) -> None:
             matrix = confusion_matrix(val["targets"], val["preds"], len(CLASSES))
             report = wandb_class_report(matrix, list(CLASSES), f"validation, epoch {row['epoch']}")
             run.wandb.log({"epoch": row["epoch"], **{f"val/{k}": v for k, v in report.items()}})
-    accelerator.print(_summary(row, cfg.epochs))
+    position = epoch_position(row["epoch"] - 1, row["step"], run.steps_per_epoch, run.total_steps)
+    accelerator.print(_summary(row, position, None if last else clock.left_text(row["step"], row["epoch"])))
     if cfg.compile and row["epoch"] == run.first_epoch + 1:
         accelerator.print(f"torch.compile: the first step took {row['first_step_time']:.1f}s (one-off compile cost)")
 
@@ -544,8 +560,12 @@ def write_summary(run: Run, finished: bool) -> None:
     rows = run.metrics.rows()
     speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
     state, config = run.state, config_to_dict(run.cfg)
+    steps_done = state.epoch * run.steps_per_epoch + state.step_in_epoch  # at this launch's global batch
+    epoch_s = run_clock(run).epoch_seconds()
     ckpt.write_summary(run.run_dir, {
-        "finished": finished, "epochs_done": state.epochs_done(run.steps_per_epoch), "epochs": run.cfg.epochs,
+        "finished": finished, "epochs_done": steps_done / run.steps_per_epoch, "epochs": run.cfg.epochs,
+        "steps_done": steps_done, "steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
+        "seconds_per_epoch": round(epoch_s, 3) if epoch_s else None,
         "params": run.meta["num_params"], "best_val_acc": state.best_val_acc if state.best_val_acc >= 0 else None,
         "best_epoch": state.best_epoch, "final_val_acc": _number(rows[-1].get("val_acc")) if rows else None,
         "final_val_acc_tta": _number(rows[-1].get("val_acc_tta")) if rows else None,
@@ -586,11 +606,21 @@ def _number(text: str | None) -> float | None:
     return float(text) if text not in (None, "") else None
 
 
-def _summary(row: dict, epochs: float) -> str:
-    text = (f"epoch {row['epoch']}/{epochs:g} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} "
+def _summary(row: dict, position: str, left: str | None = None) -> str:
+    """The epoch's console line: ``position`` (progress.epoch_position), its figures, the run's time left."""
+    text = (f"{position} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} "
             f"| lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s | {row['epoch_time']:.1f}s")
     if "val_acc" in row:
         text += f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} (best {row['best_val_acc']:.4f})"
     if "val_acc_tta" in row:
         text += f", with TTA {row['val_acc_tta']:.4f}"
-    return text
+    return text + (f" | {left}" if left else "")
+
+
+def run_clock(run: Run) -> RunClock:
+    """The run's clock (progress.py), made once and told which epochs validate: the time left counts their cost."""
+    if run.clock is None:
+        run.clock, every = RunClock(run.total_steps, run.steps_per_epoch), run.cfg.eval_every
+        run.clock.plan([run.val_loader is not None and ((e + 1) % every == 0 or e + 1 == run.n_epochs)
+                        for e in range(run.n_epochs)], run.cfg.tta if run.val_loader is not None else 0)
+    return run.clock

@@ -209,3 +209,29 @@ def test_command_line_entry_point(experiment):
     assert proc.returncode == 0 and "sample standard deviation" in proc.stdout and "'± –'" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "resnet.compare", str(experiment)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "0.9200 ± 0.0200" in proc.stdout
+
+
+def test_a_techniques_settings_show_only_where_it_is_on(tmp_path, capsys):
+    """Issue 26: the table showed muon_lr 0.24 for Adam runs. muon_* only under --opt muon, lookahead_ema_* only
+    with lookahead_ema > 0, mix_prob only with mixup/cutmix on, and a 0 switch (ema_decay, mixup) as "off"."""
+    root = tmp_path / "exp"
+    make_run(root / "adam", val_accs=[0.5, 0.90], opt="adam", muon_lr=0.24)
+    make_run(root / "adam-mix", val_accs=[0.5, 0.89], opt="adam", mixup=0.2, mix_prob=0.5, ema_decay=0.99)
+    make_run(root / "muon-a", val_accs=[0.5, 0.92], opt="muon", muon_lr=0.24, lookahead_ema=5,
+             lookahead_ema_decay=0.9, mix_prob=0.3)
+    make_run(root / "muon-b", val_accs=[0.5, 0.91], opt="muon", muon_lr=0.3, lookahead_ema=5,
+             lookahead_ema_decay=0.95, mix_prob=0.7)
+    csv_path = tmp_path / "cmp.csv"
+    assert compare.main([str(root), "--png", str(tmp_path / "c.png"), "--csv", str(csv_path)]) == 0
+    rows = {(r["optimizer"], r["best val acc"][:4]): r for r in table_rows(capsys.readouterr().out)}
+    adam, adam_mix, muon_a, muon_b = (rows[("adam", "0.90")], rows[("adam", "0.89")], rows[("muon", "0.92")],
+                                      rows[("muon", "0.91")])
+    assert (adam["muon_lr"], adam_mix["muon_lr"], muon_a["muon_lr"], muon_b["muon_lr"]) == ("–", "–", "0.24", "0.3")
+    assert (adam["lookahead_ema_decay"], muon_a["lookahead_ema_decay"]) == ("–", "0.9")
+    assert (adam["lookahead_ema"], muon_a["lookahead_ema"]) == ("off", "5")
+    assert "mix_prob" not in adam  # 0.3/0.7 only in runs without mixing, 0.5 in the one mixing run: one value
+    assert (adam["mixup"], adam_mix["mixup"]) == ("off", "0.2")
+    assert (adam["ema_decay"], adam_mix["ema_decay"]) == ("off", "0.99")
+    assert "momentum" not in adam  # Adam has none; the SGD/Muon runs all have 0.9
+    by_opt = {(r["opt"], r["best_val_acc_mean"][:4]): r for r in csv.DictReader(csv_path.open())}
+    assert by_opt[("adam", "0.9")]["muon_lr"] == "" and by_opt[("muon", "0.92")]["muon_lr"] == "0.24"

@@ -328,3 +328,43 @@ def test_one_block_of_bytes_reused_by_many_arrays_is_refused(tmp_path, protocol)
         tracemalloc.stop()
     assert re.search(r"refused: the arrays of this file would take more than its own [\d,]+ bytes", message)
     assert peak < 5 * path.stat().st_size  # refused before the copies were made
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_a_folder_missing_only_test_batch_names_it(cifar_dir, tmp_path, monkeypatch, download):
+    """Issue 26: "CIFAR-10 not found" for a folder that lacks one file sent people looking for the folder."""
+    import shutil
+
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    shutil.copytree(cifar_dir / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DataError) as e:
+        load_cifar10(tmp_path, train=False, download=download)
+    msg = str(e.value)
+    assert "test file test_batch not found in" in msg and str(tmp_path / "cifar-10-batches-py") in msg, msg
+    assert "data_batch" not in msg and "\n" not in msg
+    assert len(load_cifar10(tmp_path, train=True, download=download).labels) == 400  # the train files are there
+
+
+def test_root_pickles_and_report_csv_are_git_ignored_but_not_elsewhere():
+    """The README's commands write custom_test.pkl-style inputs and report.csv at the root: never committed."""
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path: str) -> bool:
+        proc = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
+        assert proc.returncode in (0, 1), f"git check-ignore {path} failed"
+        return proc.returncode == 0
+
+    assert ignored("report.csv") and ignored("custom_test.pkl") and ignored("labeled.pkl")
+    assert not ignored("tests/fixtures/custom_test.pkl") and not ignored("results/report.csv")

@@ -70,3 +70,16 @@ def test_every_table_is_built_from_results():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
 
+
+
+# Our own machines' paths and words: a reader has a checkout and the official CIFAR-10 files, nothing else.
+OUR_SET_UP = re.compile(r"\.\./|(?<![\w.])/tmp\b|~/(?!\.cache/cifar10)|\bworkplace\b|\blent\b|\bour machines?\b|"
+                        r"\bsessions?\b", re.I)
+
+
+@pytest.mark.parametrize("doc", [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name)
+def test_docs_speak_of_the_readers_set_up_not_ours(doc):
+    found = [f"{doc.name}:{n}: {m.group(0)!r} in ...{line[max(m.start() - 50, 0):m.end() + 30]!r}..."
+             for n, line in enumerate(doc.read_text().splitlines(), 1) for m in OUR_SET_UP.finditer(line)]
+    assert not found, ("paths outside the repository or words of our own set-up (write for a user with the "
+                       "official CIFAR-10 files):\n" + "\n".join(found))

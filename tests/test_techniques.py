@@ -516,7 +516,7 @@ def test_the_airbench_recipe_runs_under_accelerate_launch(cifar_dir, tmp_path):
                    "--batch-size", "32", "--epochs", "1.5", "--whiten-bias-epochs", "1", "--lookahead-ema-start",
                    "0.3", "--lookahead-ema", "1", "--run-dir", str(tmp_path / "r"))
     assert "lr 0.046875 (1.5 per 1024 images)" in proc.stdout  # 1.5 x 32 / 1024
-    assert "resnet_airbench_whiten_2m" in proc.stdout and "epoch 2/1.5" in proc.stdout
+    assert "resnet_airbench_whiten_2m" in proc.stdout and "epoch 2/2 (1/3 steps: 1.33 epochs in all" in proc.stdout
     rows = list(csv.DictReader((tmp_path / "r/metrics.csv").open()))
     assert [r["step"] for r in rows] == ["3", "4"] and all(math.isfinite(float(r["train_loss"])) for r in rows)
     config = (tmp_path / "r/config.yaml").read_text()
