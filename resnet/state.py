@@ -48,9 +48,6 @@ class TrainState:
     changes: list = field(default_factory=list)  # {"epoch", "flag", "from", "to"}: what a resume changed, and when
     schema: int = SCHEMA
 
-    def epochs_done(self, steps_per_epoch: int) -> float:
-        return self.epoch + self.step_in_epoch / max(steps_per_epoch, 1)
-
     def position(self, steps_per_epoch: int, global_batch: int) -> tuple[int, int]:
         """(epoch, step in that epoch) to continue from, at the current global batch size.
 

@@ -160,10 +160,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Loading
-def load_state(accelerator, run_dir: str | Path, model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+def load_state(accelerator, run_dir: str | Path, model: torch.nn.Module, optimizer) -> tuple[Path, dict, dict]:
     """Restore ``model`` (unwrapped), ``optimizer``, the scaler and this process's RNGs (when it had any:
-    a run resumed on more processes) from a run's newest state; returns (trainer.json, the techniques'
-    flat tensors).
+    a run resumed on more processes) from a run's newest state; returns (the state folder read, trainer.json,
+    the techniques' flat tensors).
 
     Every file is read as data (safetensors, JSON, torch.load with weights_only=True); a planted or
     damaged one stops the resume with one line naming it.
@@ -190,7 +190,7 @@ def load_state(accelerator, run_dir: str | Path, model: torch.nn.Module, optimiz
     if rng.is_file():
         _apply(rng, lambda: set_rng_state(_read(rng, lambda f: json.loads(f.read_text()))))
     trainer = _read(state / TRAINER_FILE, lambda f: json.loads(f.read_text()))
-    return trainer, techniques
+    return state, trainer, techniques
 
 
 def _read(file: Path, reader) -> Any:

@@ -192,6 +192,16 @@ class Run:
         """(epoch, step in it) the saved state continues from, at this launch's global batch."""
         return self.state.position(self.steps_per_epoch, self.global_batch)
 
+    @property
+    def steps_done(self) -> int:
+        """Updates the saved state has made, at this launch's global batch."""
+        return self.epoch_plan(*self.position).global_step
+
+    def validates(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) ends with a validation: every --eval-every epochs, and the last."""
+        due = (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.n_epochs
+        return self.val_loader is not None and due
+
     def epoch_plan(self, epoch: int, skip: int = 0, carry=None) -> EpochPlan:
         """The updates of ``epoch`` to run, after ``skip`` done before (a resumed epoch, its sums ``carry``)."""
         first = epoch * self.steps_per_epoch
@@ -300,8 +310,7 @@ def resume_run(run: Run, changes: list[dict]) -> None:
     """Restore the run's saved state in place (weights, optimizer, techniques, RNGs, TrainState), and say in
     one line what this launch changes: the schedule flags ``changes``, the precision, the process count."""
     accelerator, model = run.accelerator, run.accelerator.unwrap_model(run.parts.model, keep_torch_compile=False)
-    trainer, tensors = state_folder.load_state(accelerator, run.run_dir, model, run.parts.optimizer)
-    source = state_folder.state_dir_for_resume(run.run_dir)
+    source, trainer, tensors = state_folder.load_state(accelerator, run.run_dir, model, run.parts.optimizer)
     try:
         run.parts.techniques.load_state_tensors(tensors, str(source / state_folder.TECHNIQUES_FILE))
         run.state = TrainState.from_dict(trainer, str(source / state_folder.TRAINER_FILE))
@@ -349,8 +358,8 @@ def train(cfg: TrainConfig) -> dict:
     start_epoch, skip = run.position
     row: dict = {}
     try:
-        if run.epoch_plan(start_epoch, skip).global_step >= run.total_steps:
-            accelerator.print(f"{run.run_dir} already trained {state.epochs_done(run.steps_per_epoch):g} epochs; "
+        if run.steps_done >= run.total_steps:
+            accelerator.print(f"{run.run_dir} already trained {run.steps_done / run.steps_per_epoch:g} epochs; "
                               "pass --epochs N to train longer")
             return result(run, row)
         start_tracking(run)
@@ -373,7 +382,7 @@ def train(cfg: TrainConfig) -> dict:
         run.train_loader.close()
         accelerator.end_training()
     accelerator.print(closing_line(run.run_dir, state.best_val_acc, state.best_epoch, run.val_loader is not None,
-                                   state.epochs_done(run.steps_per_epoch), time.perf_counter() - run.started))
+                                   run.steps_done / run.steps_per_epoch, time.perf_counter() - run.started))
     return result(run, row)
 
 
@@ -425,7 +434,7 @@ def save_state(run: Run, plan: EpochPlan, outcome: EpochOutcome) -> None:
 
 def end_epoch(run: Run, epoch: int, outcome: EpochOutcome, plan: EpochPlan) -> dict:
     """Validate, save weights and state, log: the epoch's row (as in metrics.csv)."""
-    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    accelerator, state = run.accelerator, run.state
     last = epoch + 1 == run.n_epochs
     sync_buffers(accelerator, accelerator.unwrap_model(run.parts.model), run.parts.techniques.eval_model())
     sums = outcome.sums
@@ -434,8 +443,7 @@ def end_epoch(run: Run, epoch: int, outcome: EpochOutcome, plan: EpochPlan) -> d
            "lr": run.schedule.lr_at(plan.epoch * run.steps_per_epoch),  # the lr of the epoch's first update
            "images_per_sec": sums.seen / max(sums.elapsed, 1e-9), "epoch_time": sums.elapsed,
            "first_step_time": outcome.first_step_time}
-    val = validate(run, row, last) if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last) \
-        else None
+    val = validate(run, row, last) if run.validates(epoch) else None
     check_finite(run, plan, val)
     improved = val is not None and val["acc"] > state.best_val_acc
     if improved:
@@ -560,7 +568,7 @@ def write_summary(run: Run, finished: bool) -> None:
     rows = run.metrics.rows()
     speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
     state, config = run.state, config_to_dict(run.cfg)
-    steps_done = state.epoch * run.steps_per_epoch + state.step_in_epoch  # at this launch's global batch
+    steps_done = run.steps_done
     epoch_s = run_clock(run).epoch_seconds()
     ckpt.write_summary(run.run_dir, {
         "finished": finished, "epochs_done": steps_done / run.steps_per_epoch, "epochs": run.cfg.epochs,
@@ -620,7 +628,7 @@ def _summary(row: dict, position: str, left: str | None = None) -> str:
 def run_clock(run: Run) -> RunClock:
     """The run's clock (progress.py), made once and told which epochs validate: the time left counts their cost."""
     if run.clock is None:
-        run.clock, every = RunClock(run.total_steps, run.steps_per_epoch), run.cfg.eval_every
-        run.clock.plan([run.val_loader is not None and ((e + 1) % every == 0 or e + 1 == run.n_epochs)
-                        for e in range(run.n_epochs)], run.cfg.tta if run.val_loader is not None else 0)
+        run.clock = RunClock(run.total_steps, run.steps_per_epoch)
+        tta = run.cfg.tta if run.val_loader is not None else 0
+        run.clock.plan([run.validates(e) for e in range(run.n_epochs)], tta)
     return run.clock
