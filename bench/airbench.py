@@ -12,7 +12,9 @@ images, and the test batch is never used. Then it runs ``airbench.warmup94(); ai
 Python process, as airbench's README does, and prints airbench's own table (``tta_val_acc`` is its final
 accuracy; ``total_time_seconds`` counts GPU time of the whitening fit, training and the final evaluation only)
 and the whole process's wall time, start-up and warm-up run included. ``--record`` appends, per run, the
-validation accuracy, airbench's own seconds and the whole process's seconds to results/ (gpu.csv on a GPU).
+validation accuracy, airbench's own seconds and the whole process's seconds to results/ (gpu.csv on a GPU);
+each run's rows carry the seed 'split S run N', N counted from ``--first-run`` (0), so runs launched one at a
+time on one split keep their own labels (bench/budget_recipes.py does that: a cut session keeps the runs done).
 
 airbench is written for one CUDA GPU in pure fp16. With ``--cpu`` (the default when there is no GPU) it runs
 ported as the suite runs on a CPU: fp32 weights and images, the net under bf16 autocast where the CPU computes
@@ -115,6 +117,8 @@ def main() -> None:
     parser.add_argument("--val-split", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0, help="the split's seed, as train.py's --seed")
     parser.add_argument("--runs", type=int, default=1, help="training runs after the one warm-up run")
+    parser.add_argument("--first-run", type=int, default=0, help="the number the first run's rows carry "
+                        "('split S run N'): a later launch on the same split counts on from the runs recorded")
     parser.add_argument("--workdir", default=None, help="default: a temporary folder")
     parser.add_argument("--cpu", action="store_true", help="run the CPU port (default when there is no GPU)")
     parser.add_argument("--record", action="store_true", help="append each run's figures to results/")
@@ -138,6 +142,7 @@ def main() -> None:
         compile(child_script(args.variant, args.runs, cpu), "airbench's script", "exec")  # a syntax error shows
         print(f"dry run: sets written to {workdir / 'cifar10'}, airbench's script compiles; not run")
         return
+    (workdir / "runs.jsonl").unlink(missing_ok=True)  # a reused --workdir: only this launch's runs are recorded
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", child_script(args.variant, args.runs, cpu)], cwd=workdir, check=True)
     whole = time.perf_counter() - start
@@ -145,15 +150,16 @@ def main() -> None:
     if not args.record:
         return
     command = (f"python bench/airbench.py --variant {args.variant} --val-split {args.val_split} --seed {args.seed} "
-               f"--runs {args.runs}")
+               f"--runs {args.runs}" + (f" --first-run {args.first_run}" if args.first_run else ""))
     subject = f"airbench{args.variant} (PyPI 0.1.8){' CPU port' if cpu else ''}"
     for i, line in enumerate((workdir / "runs.jsonl").read_text().splitlines()):
         run = json.loads(line)
-        seed = f"split {args.seed} run {i}"
+        seed = f"split {args.seed} run {args.first_run + i}"
         record("airbench", subject, "val_acc", float(run["tta_val_acc"]), command, seed=seed)
         record("airbench", subject, "train_s", float(run["total_time_seconds"]), command, seed=seed)
     # One process for all runs: its time per run, as a launch of the suite is one run.
-    record("airbench", subject, "process_s", whole / args.runs, command, seed=f"split {args.seed}, {args.runs} runs")
+    record("airbench", subject, "process_s", whole / args.runs, command, seed=f"split {args.seed}, {args.runs} runs"
+           + (f" from run {args.first_run}" if args.first_run else ""))
 
 
 if __name__ == "__main__":

@@ -24,16 +24,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from resnet.budget import EPOCH_LENGTHS  # noqa: E402  (what --time-budget scales too)
 from resnet.config import TrainConfig, load_recipe  # noqa: E402
 from resnet.grid import run_state  # noqa: E402
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-# Lengths a recipe gives in epochs; warm-up always applies, the others only where the recipe sets them.
-EPOCH_LENGTHS = ("warmup_epochs", "whiten_bias_epochs", "lookahead_ema_start")
 
 
 def compressed_lengths(recipe: dict, epochs: float) -> dict:
-    """The recipe's lengths in epochs, each as the same fraction of ``epochs`` as of the recipe's own length."""
+    """The recipe's lengths in epochs, each as the same fraction of ``epochs`` as of the recipe's own length
+    (warm-up always applies, the others only where the recipe sets them)."""
     ratio = epochs / recipe.get("epochs", DEFAULTS["epochs"])
     return {name: recipe.get(name, DEFAULTS[name]) * ratio
             for name in EPOCH_LENGTHS if name == "warmup_epochs" or name in recipe}

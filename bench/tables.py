@@ -156,8 +156,37 @@ def mission_lines(data: list[dict]) -> list[str]:
     return out or ["- not measured yet"]
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 600 else f"{seconds / 60:.1f} min"
+
+
+def budget_table(data: list[dict]) -> list[str]:
+    """bench/budget_recipes.py: each recipe at each budget on each CPU, beside the airbench runs it was timed
+    against (the airbench rows of the same hardware on the bench's split, its --seed 1)."""
+    out = ["| recipe | budget | runs | val accuracy % | whole launch (of the budget) | planned epochs | measured on |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (subject, hardware, torch), m in sorted(grouped(data, ("budget_recipes",)).items(),
+                                                key=lambda kv: (kv[0][1], statistics.fmean(kv[1]["budget_s"]))):
+        if "val_acc" not in m:
+            continue
+        recipe, precision, label = subject.rsplit(", ", 2)
+        budget = statistics.fmean(m["budget_s"])
+        used = f"{_minutes(statistics.fmean(m['wall_s']))} ({_fmt(m['used_fraction'], 0, True)}%)"
+        epochs = _fmt(m["planned_epochs"], 2) if m.get("planned_epochs") else "-"
+        out.append(f"| {recipe} | {_minutes(budget)} ({label}) | {len(m['val_acc'])} | {_fmt(m['val_acc'], 2, True)} "
+                   f"| {used} | {epochs} | {hardware}, {precision}, torch {torch} |")
+    anchors = [r for r in data if r["bench"] == "airbench" and "--seed 1 " in r["command"] + " "
+               and any(r["hardware"] == b["hardware"] for b in data if b["bench"] == "budget_recipes")]
+    for (subject, hardware, torch), m in sorted(grouped(anchors, ("airbench",)).items()):
+        if "val_acc" in m and m.get("process_s"):
+            out.append(f"| {subject} | - | {len(m['val_acc'])} | {_fmt(m['val_acc'], 2, True)} | "
+                       f"{_minutes(statistics.fmean(m['process_s']))} | - | {hardware}, torch {torch} |")
+    return out if len(out) > 2 else out + ["| not measured yet | | | | | | |"]
+
+
 TABLES = {
     "quickstart": quickstart_table,
+    "budgets": budget_table,
     "mission": mission_lines,
     "train-flags": flags_table,
     "recipes": recipes_table,

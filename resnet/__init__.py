@@ -13,7 +13,7 @@ readers load when their modules are imported (``resnet.training``, ``resnet.data
 """
 from .models import count_parameters, create_model, list_models, register_model
 
-__version__ = "0.5.0"  # pyproject.toml reads the package version from here
+__version__ = "0.6.0"  # pyproject.toml reads the package version from here
 
 
 def load_model(run, which: str = "best", device="cpu"):

@@ -104,6 +104,10 @@ class CoreTrainConfig:
     run_dir: str | None = knob(None, "run folder (default: runs/<model>-<activation>-<opt>-<time>)")
     resume: str | None = knob(None, "run folder to continue from its last saved state")
     overwrite: bool = knob(False, "start afresh in a --run-dir that already holds a run (its files are deleted)")
+    time_budget: str | None = knob(None, "train for the best run that fits in this time (90s, 15m, 1h30m): the "
+                                         "launch measures its step rate, plans the steps so that it ends within the "
+                                         "budget (validation and TTA included) and scales --epochs and every other "
+                                         "length in epochs to them; config.yaml records the planned lengths")
     eval_every: int = knob(1, "validate every N epochs (the last epoch always validates)")
     tta: int = knob(0, "final-epoch validation " + TTA_HELP, choices=[0, 1, 2])
     progress: bool = knob(True, "show a progress bar on the main process")
@@ -157,8 +161,9 @@ class PredictConfig:
 
 
 # How a run was launched, not what it trains: a recipe (a run's own config.yaml included) never sets them,
-# or repeating a run would write into (or --overwrite) the run it repeats.
-LAUNCH_FIELDS = ("run_dir", "resume", "overwrite")
+# or repeating a run would write into (or --overwrite) the run it repeats, or plan its length again (a
+# budgeted run's config.yaml holds the lengths its budget planned).
+LAUNCH_FIELDS = ("run_dir", "resume", "overwrite", "time_budget")
 
 
 # --help sections, timm-style: each starts at the named field and runs to the next section's first field.

@@ -15,7 +15,7 @@ from typing import Any
 # Fields of TrainConfig that do not change what is trained or measured; leaving them out of the hash
 # is what puts seeds of one experiment (and a resumed run with its original) in the same group.
 NON_EXPERIMENT_FIELDS = frozenset({
-    "seed", "run_dir", "resume", "overwrite", "progress", "debug",
+    "seed", "run_dir", "resume", "overwrite", "progress", "debug", "time_budget",  # a budget's plan is in epochs
     "wandb", "wandb_project", "wandb_name", "wandb_tags", "wandb_group",
     "data_dir", "download",
 })

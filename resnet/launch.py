@@ -119,6 +119,11 @@ def launch_command(script_args_tail: list[str]) -> str:
     return shlex.join([*words, sys.argv[0], *script_args_tail])
 
 
+def launcher_pid() -> int | None:
+    """The process id of the launcher that started this script (accelerate launch, torchrun), else None."""
+    return next((pid for pid, argv in _ANCESTORS if _launcher_words(argv) is not None), None)
+
+
 def watch_launcher(stop: StopRequest) -> bool:
     """When this process's parent is a launcher, have the kernel send SIGTERM when it dies (Linux), so the
     run saves and stops instead of training on as an orphan. True when the watch is set.

@@ -46,6 +46,7 @@ class TrainState:
     processes: int = 0  # processes of the launch that saved it (0: not recorded)
     precision: str = ""  # fp32, bf16 or fp16 of that launch
     changes: list = field(default_factory=list)  # {"epoch", "flag", "from", "to"}: what a resume changed, and when
+    budget: dict | None = None  # a --time-budget run's plan and the seconds its launches used (budget.Budget.record)
     schema: int = SCHEMA
 
     def position(self, steps_per_epoch: int, global_batch: int) -> tuple[int, int]:

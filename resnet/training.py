@@ -19,6 +19,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import state_folder
 from .augment import AugmentConfig, BatchAugment
+from .budget import Budget, keep_saved_plan, parse_duration, plan_budget
 from .config import COMPILE_MODES, ConfigError, TrainConfig, config_to_dict, save_config
 from .data import CLASSES, MEAN, STD, cifar10_splits
 from .distributed import create_accelerator, precision_of, scaled_lr
@@ -30,7 +31,7 @@ from .launch import launch_command, watch_launcher
 from .loader import DeviceLoader, eval_loader, per_image_transform, worker_loader
 from .models import count_parameters, create_model, list_models
 from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, create_optimizer, create_scheduler, per_1024_images
-from .progress import RunClock, closing_line, epoch_position
+from .progress import RunClock, closing_line, duration, epoch_position
 from .resume import describe, resume_changes
 from .state import StateError, TrainState
 from .techniques import RunInfo, check_techniques, create_techniques, technique_model_kwargs
@@ -52,6 +53,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')}: {what}, got {getattr(cfg, flag)!r}")
 
     need(cfg.epochs > 0, "epochs", "must be positive")
+    if cfg.time_budget is not None:
+        parse_duration(cfg.time_budget)  # a ConfigError naming the flag
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.eval_every >= 1, "eval_every", "must be at least 1")
     need(cfg.check_every >= 1, "check_every", "must be at least 1")
@@ -181,6 +184,7 @@ class Run:
     started: float = 0.0  # time.perf_counter() at start-up
     first_epoch: int = 0  # the first epoch this launch trains (0-based)
     clock: RunClock | None = None  # this launch's step and epoch times, for the time left (run_clock)
+    budget: Budget | None = None  # a --time-budget run's plan and clock
 
     @property
     def n_epochs(self) -> int:
@@ -259,14 +263,18 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, techniques, global_batch
     return techniques.wrap_optimizer(optimizer), lr
 
 
-def setup_run(cfg: TrainConfig) -> Run:
-    """Build every part of a run. Whatever can fail on the user's input fails before a file is written."""
+def setup_run(cfg: TrainConfig, announce: bool = True) -> Run:
+    """Build every part of a run. Whatever can fail on the user's input fails before a file is written.
+    ``announce`` False: no start-up lines (a budgeted run's second build, after the plan)."""
     started = time.perf_counter()
     check_config(cfg)
-    changes = resume_changes(cfg) if cfg.resume else []
     wandb_mode = resolve_wandb_mode(cfg.wandb)
     accelerator = create_accelerator(log_with="wandb" if wandb_mode != "off" else None)
-    print_precision_hint(accelerator)  # fp32 where bf16 is native: one line saying how to use it
+    if cfg.resume and cfg.time_budget:
+        cfg = keep_saved_plan(cfg, accelerator.print)
+    changes = resume_changes(cfg) if cfg.resume else []
+    if announce:
+        print_precision_hint(accelerator)  # fp32 where bf16 is native: one line saying how to use it
     if cfg.sync_bn and accelerator.device.type == "cpu":
         raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; drop it for CPU runs")
     set_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
@@ -302,7 +310,8 @@ def setup_run(cfg: TrainConfig) -> Run:
               started=started)
     if cfg.resume:
         resume_run(run, changes)
-    accelerator.print(_header(run, lr, len(train_set.labels), len(val_set.labels)))
+    if announce:
+        accelerator.print(_header(run, lr, len(train_set.labels), len(val_set.labels)))
     return run
 
 
@@ -329,6 +338,11 @@ def resume_run(run: Run, changes: list[dict]) -> None:
             f"processes {state.processes} to {processes - 1} have"
         accelerator.print(f"note: {extra} no saved random generators (the run was saved by {state.processes}): "
                           "seeded from --seed instead")
+    if state.budget:
+        run.budget = Budget.resumed(state.budget)
+    elif run.cfg.time_budget:
+        raise ConfigError(f"--time-budget: {run.run_dir} was not planned by a budget, and a resume finishes a run as "
+                          "it was planned; drop --time-budget (--epochs N changes its length)")
 
 
 def _header(run: Run, lr: float, n_train: int, n_val: int) -> str:
@@ -353,7 +367,12 @@ def train(cfg: TrainConfig) -> dict:
     Raises ``Stopped`` after saving a resumable state when SIGTERM/SIGINT arrives, and without saving
     anything when the loss or the weights stop being finite.
     """
-    run = setup_run(cfg)
+    budget = None
+    if cfg.time_budget and not cfg.resume:
+        cfg, budget = plan_budget(cfg, setup_run)  # measures on a run built for it, then plans
+    run = setup_run(cfg, announce=budget is None)
+    if budget is not None:
+        run.budget, run.state.budget = budget, budget.record()
     accelerator, state = run.accelerator, run.state
     start_epoch, skip = run.position
     row: dict = {}
@@ -381,8 +400,11 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         run.train_loader.close()
         accelerator.end_training()
+    if run.budget is not None and accelerator.is_main_process:
+        write_summary(run, finished=True)  # the budget used, to the end
     accelerator.print(closing_line(run.run_dir, state.best_val_acc, state.best_epoch, run.val_loader is not None,
-                                   run.steps_done / run.steps_per_epoch, time.perf_counter() - run.started))
+                                   run.steps_done / run.steps_per_epoch, time.perf_counter() - run.started)
+                      + (f"; {run.budget.usage()}" if run.budget is not None else ""))
     return result(run, row)
 
 
@@ -425,6 +447,8 @@ def save_state(run: Run, plan: EpochPlan, outcome: EpochOutcome) -> None:
     state.epoch, state.step_in_epoch = (plan.epoch + 1, 0) if whole else (plan.epoch, outcome.step)
     state.partial = None if whole else outcome.sums
     state.global_batch, state.processes, state.precision = run.global_batch, run.accelerator.num_processes, run.precision
+    if run.budget is not None:
+        state.budget = run.budget.record()
     state.train_time_s += outcome.sums.elapsed - (plan.carry.elapsed if plan.carry else 0.0)
     model = run.accelerator.unwrap_model(run.parts.model, keep_torch_compile=False)
     state_folder.save_state(run.accelerator, run.run_dir, model, run.parts.optimizer,
@@ -540,6 +564,11 @@ def save_run_config(run: Run) -> None:
     """config.yaml: this launch's config, headed by the precision and what each resume changed."""
     if run.accelerator.is_main_process:
         header = [f"precision used: {run.precision} (from the accelerate config; not a train.py flag)"]
+        if run.budget is not None:
+            b = run.budget
+            header.append(f"planned by --time-budget {duration(b.seconds)} at {b.images_per_sec:g} img/s: "
+                          f"{b.planned_epochs:.4g} epochs ({b.steps} steps) in place of the recipe's {b.recipe_epochs:g}, "
+                          "every length in epochs scaled alike; this file repeats those steps")
         header += [f"from epoch {c['epoch']} (a resume): {describe([c])}" for c in run.state.changes]
         save_config(run.cfg, run.run_dir / "config.yaml", "\n".join(header))
 
@@ -578,6 +607,7 @@ def write_summary(run: Run, finished: bool) -> None:
         "best_epoch": state.best_epoch, "final_val_acc": _number(rows[-1].get("val_acc")) if rows else None,
         "final_val_acc_tta": _number(rows[-1].get("val_acc_tta")) if rows else None,
         "train_time_s": state.train_time_s, "precision": run.precision, "changes": state.changes,
+        "budget": run.budget.record() if run.budget is not None else None,
         "images_per_sec": sum(speeds) / len(speeds) if speeds else None, "started_at": state.started_at,
         "group": run_group(config), "name": run_name(config)})
 

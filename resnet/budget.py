@@ -1,0 +1,298 @@
+"""``--time-budget``: the best run that fits in the time given.
+
+A budgeted launch builds its run, measures what it costs here (``measure_costs``: seconds per training step
+after the warm-up, per validated image, per save), then fixes the number of updates so the whole launch,
+start-up to the final validation with TTA, ends within the budget (``plan_steps``). Every length the recipe
+gives in epochs scales with it (``scaled_config``: warm-up, whitening-bias epochs, lookahead-EMA start), so
+the schedule decays to its end exactly at the budget (budgeted training: Li, Yumer and Ramanan, ICLR 2020),
+and a budget equal to the recipe's own time gives the recipe itself. The run is then built again from the
+scaled config with the same seed: the measuring steps leave nothing behind, and config.yaml, which records
+the planned lengths, repeats the same steps (a budget is a launch field, never saved in it).
+
+A resume finishes the plan it was given (the planned lengths come from the run's config.yaml); it never plans
+again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .knobs import ConfigError
+from .progress import TTA_PASSES, duration
+
+# Aim the launch's end at this fraction of the budget: the estimate's error (a few %, measured) then stays
+# inside the allowed 90-103%.
+TARGET = 0.96
+# Lengths given in epochs besides --epochs: each keeps its fraction of the run (where the config has it).
+EPOCH_LENGTHS = ("warmup_epochs", "whiten_bias_epochs", "lookahead_ema_start")
+PLANNED_FIELDS = ("epochs",) + EPOCH_LENGTHS
+# Seconds spent timing the steps: 1% of the budget, within these bounds.
+MEASURE_MIN_S, MEASURE_MAX_S = 2.0, 20.0
+# After the last save: the curves' last redraw, the trackers' end, the process's exit (measured on a CPU).
+CLOSING_S = 2.0
+# W&B's start (its service, the first augmented batch) and end, which come after the plan (measured on a CPU).
+TRACKING_S = 3.0
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90s``, ``15m``, ``1h``, ``1h30m``, ``1.5h`` or a plain number of seconds."""
+    words = str(text).strip().lower().replace(" ", "")
+    parts = _DURATION.fullmatch(words)
+    if re.fullmatch(r"\d+(?:\.\d+)?", words):
+        seconds = float(words)
+    elif words and parts:
+        seconds = sum(float(n or 0) * unit for n, unit in zip(parts.groups(), (3600, 60, 1)))
+    else:
+        raise ConfigError(f"--time-budget: expected a duration like 90s, 15m, 1h or 1h30m, got {text!r}")
+    if seconds <= 0:
+        raise ConfigError(f"--time-budget: must be positive, got {text!r}")
+    return seconds
+
+
+def scaled_config(cfg: Any, planned_epochs: float) -> Any:
+    """``cfg`` with ``--epochs`` set to ``planned_epochs`` and every other length in epochs scaled alike."""
+    ratio = planned_epochs / cfg.epochs
+    known = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, epochs=planned_epochs,
+                               **{name: getattr(cfg, name) * ratio for name in EPOCH_LENGTHS if name in known})
+
+
+def launch_started() -> float:
+    """When this launch began (``time.time()`` terms): the launcher's start under ``accelerate launch`` or
+    torchrun (its start-up counts against the budget too), else this process's."""
+    import psutil  # accelerate's own dependency
+
+    from .launch import launcher_pid
+
+    pid = launcher_pid() or os.getpid()
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return psutil.Process().create_time()
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan
+@dataclass
+class Costs:
+    """What a run costs on this machine, measured before the plan (``measure_costs``)."""
+
+    step_s: float  # one training update, warm
+    first_step_extra_s: float  # the first update's one-off cost on top (warm-up, compile)
+    setup_s: float  # building the run (and starting W&B, when on)
+    eval_image_s: float  # one image through the validated model (one pass)
+    save_s: float  # an epoch's saves: weights and state
+
+
+@dataclass
+class Shape:
+    """What the plan needs of the run besides its costs."""
+
+    steps_per_epoch: int
+    val_images: int  # 0: no validation split
+    probe_images: int  # checked instead in an epoch without validation (training.PROBE_IMAGES)
+    eval_every: int
+    tta: int
+
+
+def launch_seconds(steps: int, costs: Costs, shape: Shape) -> float:
+    """Seconds a run of ``steps`` updates takes from its build to its last save."""
+    spe = shape.steps_per_epoch
+    n_epochs = math.ceil(steps / spe)
+    seconds = costs.setup_s + costs.first_step_extra_s + steps * costs.step_s + CLOSING_S
+    for epoch in range(n_epochs):
+        last = epoch + 1 == n_epochs
+        validated = shape.val_images > 0 and ((epoch + 1) % shape.eval_every == 0 or last)
+        passes = 1 + (TTA_PASSES.get(shape.tta, 0) if last else 0)
+        images = shape.val_images * passes if validated else shape.probe_images
+        seconds += costs.save_s + images * costs.eval_image_s
+    return seconds
+
+
+def plan_steps(seconds: float, costs: Costs, shape: Shape) -> int:
+    """The most updates whose launch fits in ``seconds`` (0 when not even one does)."""
+    if launch_seconds(1, costs, shape) > seconds:
+        return 0
+    low, high = 1, 2
+    while launch_seconds(high, costs, shape) <= seconds:
+        low, high = high, high * 2
+    while high - low > 1:  # launch_seconds rises with steps
+        middle = (low + high) // 2
+        low, high = (middle, high) if launch_seconds(middle, costs, shape) <= seconds else (low, middle)
+    return low
+
+
+@dataclass
+class Budget:
+    """A budgeted run's plan and its clock: what state/trainer.json and summary.json keep of the budget."""
+
+    seconds: float
+    planned_epochs: float
+    recipe_epochs: float
+    steps: int
+    images_per_sec: float
+    started: float  # this launch's start (time.time())
+    used_before: float = 0.0  # seconds earlier launches of the run used
+
+    def used(self) -> float:
+        return self.used_before + time.time() - self.started
+
+    def record(self) -> dict:
+        return {"seconds": self.seconds, "used_s": round(self.used(), 2), "planned_epochs": self.planned_epochs,
+                "recipe_epochs": self.recipe_epochs, "steps": self.steps, "images_per_sec": self.images_per_sec}
+
+    @classmethod
+    def resumed(cls, saved: dict) -> "Budget":
+        """The plan of a run resumed: its clock goes on from what earlier launches used."""
+        return cls(saved["seconds"], saved["planned_epochs"], saved["recipe_epochs"], saved["steps"],
+                   saved["images_per_sec"], launch_started(), float(saved.get("used_s", 0.0)))
+
+    def usage(self) -> str:
+        """``used 14m 32s of the 15m 00s budget (97%)``."""
+        return f"used {duration(self.used())} of the {duration(self.seconds)} budget ({self.used() / self.seconds:.0%})"
+
+
+def plan_line(budget: Budget, steps_per_epoch: int, ends_at: float) -> str:
+    ratio = budget.planned_epochs / budget.recipe_epochs
+    return (f"time budget {duration(budget.seconds)}: measured {budget.images_per_sec:.0f} img/s; plan {budget.steps} "
+            f"steps = {budget.planned_epochs:.3g} epochs of {steps_per_epoch} steps (the recipe's "
+            f"{budget.recipe_epochs:g} x {ratio:.3g}; lengths in epochs scaled alike); ends about "
+            f"{time.strftime('%H:%M:%S', time.localtime(ends_at))}")
+
+
+def keep_saved_plan(cfg: Any, printer: Callable[[str], None] = print) -> Any:
+    """A resume with --time-budget finishes the run's plan: the planned lengths of its config.yaml."""
+    from .config import load_recipe
+
+    saved = load_recipe(type(cfg), Path(cfg.resume) / "config.yaml")
+    planned = {name: saved[name] for name in PLANNED_FIELDS if name in saved}
+    printer(f"--time-budget {cfg.time_budget}: a resume finishes the run's own plan ({planned.get('epochs', cfg.epochs):.3g} "
+            "epochs); it does not plan again")
+    return dataclasses.replace(cfg, **planned)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring (on a run built for it and then dropped)
+def measure_costs(run: Any, budget_s: float, setup_s: float) -> Costs:
+    """Time ``run``'s real steps (its loader, techniques and optimizer), an evaluation and a save. The run is
+    rebuilt afterwards, so what this trains is thrown away."""
+    from .engine import EpochPlan, train_epoch
+    from .interrupt import StopRequest
+
+    stop = StopRequest()  # never entered: a signal while measuring ends the launch as before it started
+
+    def steps(n: int):
+        run.train_loader.set_epoch(0)
+        n = min(n, run.steps_per_epoch)
+        outcome = train_epoch(run.parts, run.train_loader, run.schedule, EpochPlan(0, 0, n, 0), stop, n, False)
+        return outcome.step, outcome.sums.elapsed, outcome.first_step_time
+
+    warm_steps, warm_s, first_s = steps(2)  # warm-up (and compile): timed apart
+    guess = (warm_s - first_s) / (warm_steps - 1) if warm_steps > 1 else first_s
+    target = min(max(0.01 * budget_s, MEASURE_MIN_S), MEASURE_MAX_S)
+    timed_steps, timed_s = 0, 0.0
+    while timed_steps < 3 or timed_s < target:  # whole loader passes included: an epoch restarts its loader too
+        n, s, _ = steps(max(1, math.ceil((target - timed_s) / max(guess, 1e-6))))
+        timed_steps, timed_s = timed_steps + n, timed_s + s
+        guess = timed_s / timed_steps
+    step_s = timed_s / timed_steps
+    return Costs(step_s, max(first_s - step_s, 0.0), setup_s, _eval_image_seconds(run), _save_seconds(run))
+
+
+def _eval_image_seconds(run: Any) -> float:
+    from .data import MEAN, STD
+    from .engine import evaluate
+
+    def once() -> float:
+        start = time.perf_counter()
+        evaluate(run.eval_model, run.probe_loader, run.accelerator, MEAN, STD, channels_last=run.cfg.channels_last)
+        return time.perf_counter() - start
+
+    once()  # its warm-up
+    return once() / max(len(run.probe_loader.dataset), 1)
+
+
+def _save_seconds(run: Any) -> float:
+    """An epoch's saves (last and best weights, the state folder), written into a scratch folder."""
+    from . import checkpoint as ckpt
+    from . import state_folder
+    from .state import TrainState
+
+    accelerator, scratch = run.accelerator, run.run_dir / "budget-measure.tmp"
+    if accelerator.is_main_process:
+        scratch.mkdir(exist_ok=True)
+    accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    model = accelerator.unwrap_model(run.parts.model, keep_torch_compile=False)
+    state_folder.save_state(accelerator, scratch, model, run.parts.optimizer, run.parts.techniques.state_tensors(),
+                            TrainState().to_dict())
+    if accelerator.is_main_process:
+        for name in ("last", "best"):
+            ckpt.save_weights(scratch / f"{name}.safetensors", model, run.meta)
+    seconds = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return seconds
+
+
+def plan_budget(cfg: Any, setup: Callable[..., Any], started: float | None = None) -> tuple[Any, Budget]:
+    """(the config to train, its plan) for ``cfg.time_budget``: ``setup(cfg, announce)`` builds a run to
+    measure (``training.setup_run``); rank 0's plan is every rank's."""
+    from accelerate.utils import broadcast_object_list
+
+    seconds = parse_duration(cfg.time_budget)
+    started = launch_started() if started is None else started
+    if time.time() - started >= seconds * TARGET:
+        raise ConfigError(f"--time-budget {cfg.time_budget}: start-up alone took {duration(time.time() - started)}; "
+                          f"give at least {duration(_nice(2.5 * (time.time() - started)))}")
+    build_start = time.perf_counter()
+    run = setup(cfg, True)
+    setup_s = time.perf_counter() - build_start
+    try:
+        run.accelerator.print(f"time budget {duration(seconds)}: measuring the step rate, an evaluation and a save "
+                              "(the run is then built again, as planned)")
+        costs = measure_costs(run, seconds, setup_s + (TRACKING_S if run.wandb_mode != "off" else 0.0))
+        shape = Shape(run.steps_per_epoch, len(run.val_loader.dataset) if run.val_loader is not None else 0,
+                      len(run.probe_loader.dataset), cfg.eval_every, cfg.tta if run.val_loader is not None else 0)
+        left = seconds * TARGET - (time.time() - started)
+        plan = [plan_steps(left, costs, shape)]
+        if run.accelerator.num_processes > 1:
+            broadcast_object_list(plan)  # the ranks measured alike; rank 0's word is the plan
+        if plan[0] < 1:
+            least = (time.time() - started + launch_seconds(1, costs, shape)) / TARGET
+            raise ConfigError(f"--time-budget {cfg.time_budget}: too small for this run here: start-up, measuring, "
+                              f"one step, one evaluation and the saves need about {duration(least)}; give at least "
+                              f"{duration(_nice(least))}")
+    except ConfigError:
+        _drop_empty(run.run_dir)
+        raise
+    steps, spe = plan[0], run.steps_per_epoch
+    budget = Budget(seconds, steps / spe, cfg.epochs, steps, round(run.global_batch / costs.step_s, 1), started)
+    run.accelerator.print(plan_line(budget, spe, time.time() + launch_seconds(steps, costs, shape)))
+    run.train_loader.close()
+    run_dir = str(run.run_dir)
+    del run  # its model, optimizer and loader: the run is built again from the planned config
+    planned = dataclasses.replace(scaled_config(cfg, steps / spe), run_dir=run_dir, overwrite=False)
+    return planned, budget
+
+
+def _nice(seconds: float) -> float:
+    """Up to a round figure a user would type: 5 s under 2 minutes, else 30 s."""
+    step = 5 if seconds < 120 else 30
+    return math.ceil(seconds / step) * step
+
+
+def _drop_empty(folder: Path) -> None:
+    try:
+        Path(folder).rmdir()  # only an empty folder: the run folder made for a plan that was refused
+    except OSError:
+        pass
