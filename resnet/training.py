@@ -450,10 +450,15 @@ def save_state(run: Run, plan: EpochPlan, outcome: EpochOutcome) -> None:
     if run.budget is not None:
         state.budget = run.budget.record()
     state.train_time_s += outcome.sums.elapsed - (plan.carry.elapsed if plan.carry else 0.0)
-    model = run.accelerator.unwrap_model(run.parts.model, keep_torch_compile=False)
-    state_folder.save_state(run.accelerator, run.run_dir, model, run.parts.optimizer,
-                            run.parts.techniques.state_tensors(), state.to_dict())
+    write_state(run, run.run_dir)
     save_run_config(run)  # the config of the saved state, which a resume compares its flags with
+
+
+def write_state(run: Run, folder: Path) -> None:
+    """The state folder of ``run`` as it stands into ``folder`` (the run's, or the budget's scratch one)."""
+    model = run.accelerator.unwrap_model(run.parts.model, keep_torch_compile=False)
+    state_folder.save_state(run.accelerator, folder, model, run.parts.optimizer,
+                            run.parts.techniques.state_tensors(), run.state.to_dict())
 
 
 def end_epoch(run: Run, epoch: int, outcome: EpochOutcome, plan: EpochPlan) -> dict:
@@ -513,14 +518,16 @@ def check_finite(run: Run, plan: EpochPlan, val: dict | None) -> None:
         raise blow_up(run, f"{what} became non-finite (nan/inf) by the end of epoch {plan.epoch + 1}")
 
 
-def save_weights(run: Run, epoch: int, row: dict, best: bool) -> None:
-    """last.safetensors, and best.safetensors when the validation improved (or there is none)."""
+def save_weights(run: Run, epoch: int, row: dict, best: bool, folder: Path | None = None) -> None:
+    """last.safetensors, and best.safetensors when the validation improved (or there is none), into the run
+    folder (or ``folder``)."""
     if run.accelerator.is_main_process:
+        folder = run.run_dir if folder is None else folder
         weights = run.accelerator.unwrap_model(run.eval_model, keep_torch_compile=False)
         epoch_meta = {**run.meta, "epoch": epoch + 1, "val_acc": row.get("val_acc")}
-        ckpt.save_weights(run.run_dir / "last.safetensors", weights, epoch_meta)
+        ckpt.save_weights(folder / "last.safetensors", weights, epoch_meta)
         if best:
-            ckpt.save_weights(run.run_dir / "best.safetensors", weights, epoch_meta)
+            ckpt.save_weights(folder / "best.safetensors", weights, epoch_meta)
 
 
 def sync_buffers(accelerator: Accelerator, *modules: nn.Module | None) -> None:
