@@ -29,7 +29,7 @@ from .knobs import ConfigError
 from .progress import TTA_PASSES, duration
 
 # Aim the launch's end at this fraction of the budget: the estimate's error then stays inside the allowed
-# 90-103%. Measured (bench/budget_recipes.py, 16 launches of 5-30 min): 90-102% used; the 30-minute runs of
+# 90-103%. Measured (bench/budget_recipes.py, 19 launches of 5-59 min): 90-102% used; the 30-minute runs of
 # report.yaml trained 4% slower, and 7% faster, than their timing said (its per-image augmentation).
 TARGET = 0.96
 # Lengths given in epochs besides --epochs: each keeps its fraction of the run (where the config has it).
