@@ -8,6 +8,7 @@ from typing import Callable, Sequence, TypeVar
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_args
 from .data import DataError
+from .distributed import end_process_group
 from .interrupt import Stopped
 
 T = TypeVar("T")
@@ -28,6 +29,8 @@ def run_script(cls: type[T], main: Callable[[T], object], description: str, argv
         _fail(f"error: {where}{e.strerror or e}", 2, debug)
     except KeyboardInterrupt:
         _fail("interrupted", 130, debug)
+    finally:
+        end_process_group()  # evaluate.py and predict.py under accelerate launch; train's end_training did it
 
 
 def _fail(line: str, code: int, debug: bool) -> None:

@@ -45,6 +45,14 @@ def create_accelerator(**kwargs) -> Accelerator:
     return accelerator
 
 
+def end_process_group() -> None:
+    """Tear the process group down before the interpreter does. A gloo rank that exits with its group
+    alive can abort at exit (SIGABRT, "terminate called without an active exception", pytorch#190489):
+    a finished 2-process evaluation then reports a failure."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def use_all_cores() -> None:
     """Give each local process its share of the cores, or RESNET_THREADS threads when set.
 

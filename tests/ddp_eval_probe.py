@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet.data import MEAN, STD, load_custom_pickle  # noqa: E402
-from resnet.distributed import create_accelerator  # noqa: E402
+from resnet.distributed import create_accelerator, end_process_group  # noqa: E402
 from resnet.engine import evaluate  # noqa: E402
 from resnet.loader import eval_loader  # noqa: E402
 from resnet.models import create_model  # noqa: E402
@@ -29,6 +29,7 @@ def main(data_path: str, out_dir: str) -> None:
         "n": result["n"], "acc": result["acc"], "targets": result["targets"].tolist(),
         "preds": result["preds"].tolist(),
     }))
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
+import contextlib
 import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from resnet.config import ConfigError
+from resnet.cli import run_script
+from resnet.config import ConfigError, EvalConfig
 from resnet.distributed import create_accelerator, scaled_lr, use_all_cores
 
 
@@ -65,3 +68,23 @@ def test_hardware_command_names_the_cpu_and_the_config_to_use():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("CPU: ") and "bf16" in out.stdout
     assert any(f"accelerate_configs/{name}" in out.stdout for name in ("cpu.yaml", "bf16.yaml", "single_gpu.yaml"))
+
+
+@pytest.mark.parametrize("ending", ["returns", "user error"])
+def test_a_script_tears_its_process_group_down_on_the_way_out(tmp_path, ending):
+    # A gloo rank that exits with its group alive can abort at exit (SIGABRT): a finished run reported as failed.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    seen = []
+
+    def main(cfg):
+        seen.append(dist.is_initialized())
+        if ending == "user error":
+            raise ConfigError("a bad flag")
+
+    try:
+        with pytest.raises(SystemExit) if ending == "user error" else contextlib.nullcontext():
+            run_script(EvalConfig, main, "", [])
+        assert seen == [True] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():  # never leak a group into the worker's next test
+            dist.destroy_process_group()
