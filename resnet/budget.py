@@ -15,6 +15,7 @@ again.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -29,7 +30,7 @@ from .knobs import ConfigError
 from .progress import TTA_PASSES, duration
 
 # Aim the launch's end at this fraction of the budget: the estimate's error then stays inside the allowed
-# 90-103%. Measured (bench/budget_recipes.py, 19 launches of 5-59 min): 90-102% used; the 30-minute runs of
+# 90-103%. Measured (bench/budget_recipes.py, 21 launches of 5-59 min): 90-102% used; the 30-minute runs of
 # report.yaml trained 4% slower, and 7% faster, than their timing said (its per-image augmentation).
 TARGET = 0.96
 # Lengths given in epochs besides --epochs: each keeps its fraction of the run (where the config has it).
@@ -191,26 +192,61 @@ def measure_costs(run: Any, budget_s: float, setup_s: float) -> Costs:
     from .interrupt import StopRequest
 
     stop = StopRequest()  # never entered: a signal while measuring ends the launch as before it started
+    batches = _Passes(run.train_loader)
 
     def steps(n: int):
-        run.train_loader.set_epoch(0)
-        n = min(n, run.steps_per_epoch)
-        outcome = train_epoch(run.parts, run.train_loader, run.schedule, EpochPlan(0, 0, n, 0), stop, n, False)
+        outcome = train_epoch(run.parts, batches, run.schedule, EpochPlan(0, 0, n, 0), stop, n, False)
         return outcome.step, outcome.sums.elapsed, outcome.first_step_time
 
     warm_steps, warm_s, first_s = steps(2)  # warm-up (and compile): timed apart
     guess = (warm_s - first_s) / (warm_steps - 1) if warm_steps > 1 else first_s
     block_s = min(max(0.02 * budget_s, MEASURE_MIN_S), MEASURE_MAX_S) / MEASURE_BLOCKS
     per_step = []
-    for _ in range(MEASURE_BLOCKS):  # loader passes (each restarts its loader, as an epoch does) to block_s
+    for _ in range(MEASURE_BLOCKS):  # consecutive chunks of the loader's batches, each of block_s
         n, s = 0, 0.0
-        while s < block_s or n == 0:
-            more, seconds, _ = steps(max(1, math.ceil((block_s - s) / max(guess, 1e-6))))
+        while True:
+            wanted = max(1, math.ceil((block_s - s) / max(guess, 1e-6))) if s < block_s or n == 0 else 0
+            # Rank 0's clock sizes each chunk and ends the block for every rank: ranks that stepped apart
+            # would pair up unlike all-reduces and hang.
+            chunk = _rank0s(run.accelerator, wanted)
+            if chunk == 0:
+                break
+            more, seconds, _ = steps(chunk)
             n, s = n + more, s + seconds
         per_step.append(s / n)
         guess = s / n
     step_s = statistics.median(per_step)
     return Costs(step_s, max(first_s - step_s, 0.0), setup_s, _eval_image_seconds(run), _save_seconds(run))
+
+
+class _Passes:
+    """The loader's passes end to end, drawn in chunks (each chunk one ``train_epoch``): the timed blocks
+    follow on within a pass, as an epoch's steps do, rather than each starting a pass (its workers' first
+    batches), which a block of a few seconds would overweight."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self.batches = self._end_to_end()
+
+    def _end_to_end(self):
+        for epoch in itertools.count():
+            self.loader.set_epoch(epoch)
+            yield from self.loader
+
+    def __iter__(self):
+        return self.batches  # the same iterator each time: a chunk goes on where the last one stopped
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def _rank0s(accelerator: Any, value: int) -> int:
+    """Rank 0's ``value``, on every rank."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def _eval_image_seconds(run: Any) -> float:

@@ -81,6 +81,40 @@ def test_every_length_in_epochs_scales_to_the_planned_length(cifar_dir, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------
+# Measuring
+class CountedPasses:
+    """A run's train loader that counts the batches drawn from each pass it starts."""
+
+    def __init__(self, loader):
+        self.loader, self.drawn = loader, []
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch, skip=0):
+        self.loader.set_epoch(epoch, skip)
+
+    def __iter__(self):
+        self.drawn.append(0)
+        for batch in self.loader:
+            self.drawn[-1] += 1
+            yield batch
+
+
+def test_the_step_timing_draws_consecutive_batches_and_starts_a_pass_only_when_one_ends(cifar_dir, tmp_path):
+    """Timing blocks of a few seconds that each started a pass would weigh its start (the workers' first
+    batches) far above an epoch's share."""
+    cfg = parse_config(TrainConfig, [*TINY_RUN, "--data-dir", str(cifar_dir), "--wandb", "off",
+                                     "--run-dir", str(tmp_path / "run")])
+    run = training.setup_run(cfg, announce=False)
+    run.train_loader = counted = CountedPasses(run.train_loader)
+    costs = budget.measure_costs(run, budget_s=60, setup_s=1.0)
+    assert sum(counted.drawn) > 2  # the warm-up's 2 steps and the timed blocks'
+    assert all(drawn == run.steps_per_epoch for drawn in counted.drawn[:-1]), counted.drawn
+    assert 0 < costs.step_s and costs.setup_s == 1.0 and costs.eval_image_s > 0 and costs.save_s > 0
+
+
+# ------------------------------------------------------------------------------------------------
 # Refusals
 def budgeted(cifar_dir: Path, run_dir: Path, seconds: str, *flags: str) -> TrainConfig:
     return parse_config(TrainConfig, [*TINY_RUN, "--data-dir", str(cifar_dir), "--wandb", "off", "--time-budget",
@@ -149,6 +183,17 @@ def test_a_budgeted_launch_ends_in_time_and_its_config_records_the_plan(cifar_di
     assert "time_budget" not in saved and saved["epochs"] == pytest.approx(plan["planned_epochs"])
     assert saved["warmup_epochs"] == pytest.approx(plan["planned_epochs"] / 40)  # the default 1 of 40 epochs
     assert f"# planned by --time-budget {BUDGET_S}s" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_ranks_whose_clocks_disagree_time_the_same_steps(cifar_dir, tmp_path):
+    """Under DDP: a rank that ended a timing block on its own clock, before the other, would stop stepping
+    while the other all-reduces, and the launch would hang."""
+    run_dir = tmp_path / "run"
+    run_cli(str(ROOT / "tests" / "ddp_skewed_clock_probe.py"), *TINY_RUN, "--data-dir", str(cifar_dir),
+            "--wandb", "off", "--time-budget", "25s", "--run-dir", str(run_dir), config="cpu_ddp.yaml", timeout=150)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] and summary["steps_done"] == summary["budget"]["steps"] > 0
 
 
 @pytest.mark.slow
