@@ -33,6 +33,10 @@ from .progress import TTA_PASSES, duration
 # 90-103%. Measured (bench/budget_recipes.py, 21 launches of 5-59 min): 90-102% used; the 30-minute runs of
 # report.yaml trained 4% slower, and 7% faster, than their timing said (its per-image augmentation).
 TARGET = 0.96
+# A long schedule (LONG_RECIPE epochs or more) cut under SQUEEZED of its length trails a recipe made for short
+# runs: on a 2-core CPU the mission's command (40 epochs) scored 83.7% in 30 min (21% of its epochs) where
+# fast.yaml scored 87.5% in 5 (bench/budget_recipes.py, README). The plan then says so.
+LONG_RECIPE, SQUEEZED = 20, 0.25
 # Lengths given in epochs besides --epochs: each keeps its fraction of the run (where the config has it).
 EPOCH_LENGTHS = ("warmup_epochs", "whiten_bias_epochs", "lookahead_ema_start")
 PLANNED_FIELDS = ("epochs",) + EPOCH_LENGTHS
@@ -170,6 +174,16 @@ def plan_line(budget: Budget, steps_per_epoch: int, ends_at: float) -> str:
             f"steps = {budget.planned_epochs:.3g} epochs of {steps_per_epoch} steps (the recipe's "
             f"{budget.recipe_epochs:g} x {ratio:.3g}; lengths in epochs scaled alike); ends about "
             f"{time.strftime('%H:%M:%S', time.localtime(ends_at))}")
+
+
+def squeezed_hint(budget: Budget) -> str | None:
+    """A line pointing to a short-run recipe when the budget cuts a long schedule to a fraction of itself."""
+    ratio = budget.planned_epochs / budget.recipe_epochs
+    if budget.recipe_epochs < LONG_RECIPE or ratio >= SQUEEZED:
+        return None
+    return (f"time budget {duration(budget.seconds)}: only {ratio:.0%} of this recipe's {budget.recipe_epochs:g} epochs "
+            "fit; a recipe made for short runs likely scores far higher in it: --config configs/fast.yaml "
+            "(docs/training.md#a-time-budget)")
 
 
 def keep_saved_plan(cfg: Any, printer: Callable[[str], None] = print) -> Any:
@@ -315,6 +329,8 @@ def plan_budget(cfg: Any, setup: Callable[..., Any], started: float | None = Non
     steps, spe = plan[0], run.steps_per_epoch
     budget = Budget(seconds, steps / spe, cfg.epochs, steps, round(run.global_batch / costs.step_s, 1), started)
     run.accelerator.print(plan_line(budget, spe, time.time() + launch_seconds(steps, costs, shape)))
+    if hint := squeezed_hint(budget):
+        run.accelerator.print(hint)
     run.train_loader.close()
     run_dir = str(run.run_dir)
     del run  # its model, optimizer and loader: the run is built again from the planned config

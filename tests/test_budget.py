@@ -133,6 +133,18 @@ def test_a_budget_too_small_for_one_step_and_evaluation_is_refused_naming_the_mi
         budget.plan_budget(budgeted(cifar_dir, run_dir, "15m"), training.setup_run, started=time.time() - 960)
 
 
+@pytest.mark.parametrize("epochs, hinted", [("5000", True), ("10", False)])
+def test_the_plan_points_to_a_short_run_recipe_when_a_long_schedule_is_cut_to_a_fraction(cifar_dir, tmp_path, capsys,
+                                                                                         epochs, hinted):
+    _, plan = budget.plan_budget(budgeted(cifar_dir, tmp_path / "run", "20s", "--epochs", epochs), training.setup_run,
+                                 started=time.time())
+    out = capsys.readouterr().out
+    squeezed = plan.planned_epochs / float(epochs) < budget.SQUEEZED
+    assert squeezed == hinted  # the tiny data fits far more than 10 epochs in 20 s
+    assert ("of this recipe's 5000 epochs fit; a recipe made for short runs" in out) == hinted, out
+    assert ("--config configs/fast.yaml" in out) == hinted
+
+
 def test_a_budget_too_small_is_refused_through_the_command_line_in_one_line(cifar_dir, tmp_path):
     args = ["train.py", *TINY_RUN, "--data-dir", str(cifar_dir), "--wandb", "off", "--run-dir", str(tmp_path / "r")]
     proc = run_cli(*args, "--time-budget", "1s", check=False)  # under accelerate launch, whose start counts
