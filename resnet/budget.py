@@ -202,6 +202,7 @@ def keep_saved_plan(cfg: Any, printer: Callable[[str], None] = print) -> Any:
 def measure_costs(run: Any, budget_s: float, setup_s: float) -> Costs:
     """Time ``run``'s real steps (its loader, techniques and optimizer), an evaluation and a save. The run is
     rebuilt afterwards, so what this trains is thrown away."""
+    from .distributed import main_process_value
     from .engine import EpochPlan, train_epoch
     from .interrupt import StopRequest
 
@@ -222,7 +223,7 @@ def measure_costs(run: Any, budget_s: float, setup_s: float) -> Costs:
             wanted = max(1, math.ceil((block_s - s) / max(guess, 1e-6))) if s < block_s or n == 0 else 0
             # Rank 0's clock sizes each chunk and ends the block for every rank: ranks that stepped apart
             # would pair up unlike all-reduces and hang.
-            chunk = _rank0s(run.accelerator, wanted)
+            chunk = main_process_value(run.accelerator, wanted)
             if chunk == 0:
                 break
             more, seconds, _ = steps(chunk)
@@ -252,15 +253,6 @@ class _Passes:
 
     def __len__(self) -> int:
         return len(self.loader)
-
-
-def _rank0s(accelerator: Any, value: int) -> int:
-    """Rank 0's ``value``, on every rank."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]
 
 
 def _eval_image_seconds(run: Any) -> float:
@@ -298,7 +290,7 @@ def _save_seconds(run: Any) -> float:
 def plan_budget(cfg: Any, setup: Callable[..., Any], started: float | None = None) -> tuple[Any, Budget]:
     """(the config to train, its plan) for ``cfg.time_budget``: ``setup(cfg, announce)`` builds a run to
     measure (``training.setup_run``); rank 0's plan is every rank's."""
-    from accelerate.utils import broadcast_object_list
+    from .distributed import main_process_value
 
     seconds = parse_duration(cfg.time_budget)
     started = launch_started() if started is None else started
@@ -315,10 +307,8 @@ def plan_budget(cfg: Any, setup: Callable[..., Any], started: float | None = Non
         shape = Shape(run.steps_per_epoch, len(run.val_loader.dataset) if run.val_loader is not None else 0,
                       len(run.probe_loader.dataset), cfg.eval_every, cfg.tta if run.val_loader is not None else 0)
         left = seconds * TARGET - (time.time() - started)
-        plan = [plan_steps(left, costs, shape)]
-        if run.accelerator.num_processes > 1:
-            broadcast_object_list(plan)  # the ranks measured alike; rank 0's word is the plan
-        if plan[0] < 1:
+        steps = main_process_value(run.accelerator, plan_steps(left, costs, shape))  # rank 0's word is the plan
+        if steps < 1:
             least = (time.time() - started + launch_seconds(1, costs, shape)) / TARGET
             raise ConfigError(f"--time-budget {cfg.time_budget}: too small for this run here: start-up, measuring, "
                               f"one step, one evaluation and the saves need about {duration(least)}; give at least "
@@ -326,7 +316,7 @@ def plan_budget(cfg: Any, setup: Callable[..., Any], started: float | None = Non
     except ConfigError:
         _drop_empty(run.run_dir)
         raise
-    steps, spe = plan[0], run.steps_per_epoch
+    spe = run.steps_per_epoch
     budget = Budget(seconds, steps / spe, cfg.epochs, steps, round(run.global_batch / costs.step_s, 1), started)
     run.accelerator.print(plan_line(budget, spe, time.time() + launch_seconds(steps, costs, shape)))
     if hint := squeezed_hint(budget):

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from .knobs import ConfigError
 from .hardware import EMULATED_BF16_SLOWDOWN, cpu_has_native_bf16, cpu_model
@@ -43,6 +44,14 @@ def create_accelerator(**kwargs) -> Accelerator:
         # Untestable on a CPU: the flag is read by cuDNN only; CPU convolutions (oneDNN) ignore it.
         torch.backends.cudnn.benchmark = True
     return accelerator
+
+
+def main_process_value(accelerator: Accelerator, value: Any) -> Any:
+    """The main process's ``value``, on every process: one run folder, W&B run and plan for all, never
+    one per rank's own clock or reading of the disk."""
+    if accelerator.num_processes == 1:
+        return value
+    return broadcast_object_list([value])[0]
 
 
 def end_process_group() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -22,7 +22,7 @@ from .augment import AugmentConfig, BatchAugment
 from .budget import Budget, keep_saved_plan, parse_duration, plan_budget
 from .config import COMPILE_MODES, ConfigError, TrainConfig, config_to_dict, save_config
 from .data import CLASSES, MEAN, STD, cifar10_splits
-from .distributed import create_accelerator, precision_of, scaled_lr
+from .distributed import create_accelerator, main_process_value, precision_of, scaled_lr
 from .engine import EpochOutcome, EpochPlan, StepParts, confusion_matrix, evaluate, train_epoch
 from .hardware import print_precision_hint
 from .identity import activation_of, run_group, run_name
@@ -133,17 +133,15 @@ def prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
         if held and not cfg.overwrite:
             raise ConfigError(f"--run-dir {run_dir}: already holds a run ({', '.join(held[:4])}); pass "
                               f"--resume {run_dir} to continue it, --overwrite to start it afresh, or another --run-dir")
-    name = [cfg.run_dir or ""]
+    name = cfg.run_dir or ""
     if accelerator.is_main_process:
         if cfg.run_dir:
             if cfg.overwrite and run_dir.is_dir():
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
         else:
-            name[0] = str(_unique_run_dir(cfg))
-    if accelerator.num_processes > 1:
-        broadcast_object_list(name)
-    return Path(name[0])
+            name = str(_unique_run_dir(cfg))
+    return Path(main_process_value(accelerator, name))
 
 
 def _unique_run_dir(cfg: TrainConfig) -> Path:
@@ -625,13 +623,11 @@ def start_wandb(cfg: TrainConfig, accelerator: Accelerator, mode: str, run_dir: 
     if mode == "off":
         return None
     config = config_to_dict(cfg)
-    run_id = [wandb_run_id(run_dir) if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(run_id)
+    run_id = main_process_value(accelerator, wandb_run_id(run_dir) if accelerator.is_main_process else None)
     tags = [cfg.model, activation_of(config), cfg.opt, *cfg.wandb_tags]
     accelerator.init_trackers(
         cfg.wandb_project, config={**config, "params": n_params, **environment_info()},
-        init_kwargs=wandb_init_kwargs(mode, run_dir, run_id[0], cfg.wandb_name or run_name(config),
+        init_kwargs=wandb_init_kwargs(mode, run_dir, run_id, cfg.wandb_name or run_name(config),
                                       cfg.wandb_group or run_group(config), "train", tags))
     if not accelerator.is_main_process:
         return None
